@@ -1,0 +1,34 @@
+# Thin wrapper: install what is missing, configure, build, then run or test.
+# The real build is CMake (CMakePresets.json); see README.md.
+
+PRESET ?= default
+BUILD_DIR := $(if $(filter asan,$(PRESET)),build-asan,build)
+JOBS ?= $(shell nproc)
+
+.PHONY: all deps configure build run test test-asan test-heavy clean
+
+all: build
+
+deps:
+	@tools/install-deps.sh
+
+configure: deps
+	@test -f $(BUILD_DIR)/build.ninja || cmake --preset $(PRESET)
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS)
+
+run: build
+	@tools/demo.sh $(BUILD_DIR)
+
+test: build
+	@ctest --preset $(PRESET) -j $(JOBS)
+
+test-asan:
+	@$(MAKE) --no-print-directory test PRESET=asan
+
+test-heavy: build
+	@ctest --test-dir $(BUILD_DIR) -L heavy --output-on-failure
+
+clean:
+	rm -rf build build-asan build-fuzz

@@ -1,0 +1,23 @@
+# cowtap_library(NAME DEPS ...): one static library per folder, built from every
+# .cc in the folder that is not a test (*_test.cc), a fuzz target (*_fuzz.cc)
+# or a main (*_main.cc). Unit tests beside the code (*_test.cc) become one
+# GoogleTest binary per folder, NAME_test, registered with ctest under the
+# label "unit" plus any extra LABELS.
+function(cowtap_library name)
+  cmake_parse_arguments(ARG "" "" "DEPS;TEST_DEPS;LABELS" ${ARGN})
+  file(GLOB srcs CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/*.cc)
+  list(FILTER srcs EXCLUDE REGEX "(_test|_fuzz|_main|_bench)\\.cc$")
+  add_library(${name} STATIC ${srcs})
+  target_include_directories(${name} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(${name} PUBLIC ${ARG_DEPS})
+  if(COWTAP_BUILD_TESTS)
+    file(GLOB tests CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/*_test.cc)
+    if(tests)
+      add_executable(${name}_test ${tests})
+      target_link_libraries(${name}_test PRIVATE ${name} ${ARG_TEST_DEPS} GTest::gmock GTest::gtest_main)
+      gtest_discover_tests(${name}_test
+        DISCOVERY_TIMEOUT 60
+        PROPERTIES LABELS "unit;${ARG_LABELS}" ENVIRONMENT "COWTAP_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+    endif()
+  endif()
+endfunction()
