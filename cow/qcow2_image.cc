@@ -8,3 +8,9 @@ Status CreateQcow2Image(const std::string& path, const CreateOptions&, FileSyste
   return Status::NotSupported(path + ": qcow2 is not implemented yet");
 }
 }  // namespace cowtap::cow
+#include "cow/check.h"
+namespace cowtap::cow {
+Result<CheckResult> CheckImage(const std::string& path, const CheckOptions&) {
+  return Status::NotSupported(path + ": check is not implemented yet");
+}
+}  // namespace cowtap::cow
