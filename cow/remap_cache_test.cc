@@ -1,0 +1,343 @@
+#include "cow/remap_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <random>
+#include <unordered_map>
+
+namespace cowtap::cow {
+namespace {
+
+Remap MakeRemap(uint64_t host_offset, uint16_t layer = 0, uint8_t flags = Remap::kWritable) {
+  return Remap{host_offset, layer, flags};
+}
+
+void ExpectRemapEq(const std::optional<Remap>& got, const Remap& want) {
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->host_offset, want.host_offset);
+  EXPECT_EQ(got->layer, want.layer);
+  EXPECT_EQ(got->flags, want.flags);
+}
+
+// Counts the model's keys the cache still finds. Lookups change the clock bits
+// and the counters, so only call this where neither matters.
+uint64_t CountReachable(RemapCache& cache, const std::unordered_map<uint64_t, Remap>& model) {
+  uint64_t found = 0;
+  for (const auto& [k, v] : model) {
+    auto got = cache.Lookup(k);
+    if (got) {
+      ++found;
+      EXPECT_EQ(got->host_offset, v.host_offset) << "cluster " << k;
+      EXPECT_EQ(got->layer, v.layer) << "cluster " << k;
+      EXPECT_EQ(got->flags, v.flags) << "cluster " << k;
+    }
+  }
+  return found;
+}
+
+TEST(RemapCacheTest, InsertThenLookupReturnsTheRemap) {
+  RemapCache cache(16);
+  cache.Insert(7, MakeRemap(0x10000, 0, Remap::kWritable));
+  cache.Insert(8, MakeRemap(0, 2, Remap::kZero | Remap::kBacking));
+  ExpectRemapEq(cache.Lookup(7), MakeRemap(0x10000, 0, Remap::kWritable));
+  ExpectRemapEq(cache.Lookup(8), MakeRemap(0, 2, Remap::kZero | Remap::kBacking));
+  EXPECT_FALSE(cache.Lookup(9).has_value());
+  RemapCacheStats s = cache.Stats();
+  EXPECT_EQ(s.size, 2u);
+  EXPECT_EQ(s.lookups, 3u);
+  EXPECT_EQ(s.hits, 2u);
+  EXPECT_EQ(s.misses, 1u);
+  EXPECT_EQ(s.inserts, 2u);
+  EXPECT_EQ(s.capacity, 16u);
+}
+
+TEST(RemapCacheTest, InsertOverwritesExistingEntry) {
+  RemapCache cache(16);
+  cache.Insert(3, MakeRemap(100));
+  cache.Insert(3, MakeRemap(200, 1, Remap::kBacking));
+  ExpectRemapEq(cache.Lookup(3), MakeRemap(200, 1, Remap::kBacking));
+  EXPECT_EQ(cache.Stats().size, 1u);
+}
+
+TEST(RemapCacheTest, ClusterZeroIsCachedAndMaxClusterIsNot) {
+  RemapCache cache(8);
+  cache.Insert(0, MakeRemap(42));
+  ExpectRemapEq(cache.Lookup(0), MakeRemap(42));
+  const uint64_t max = std::numeric_limits<uint64_t>::max();
+  cache.Insert(max, MakeRemap(43));
+  EXPECT_FALSE(cache.Lookup(max).has_value());
+  EXPECT_EQ(cache.Stats().size, 1u);
+}
+
+TEST(RemapCacheTest, CapacityZeroNeverHits) {
+  RemapCache cache(0);
+  cache.Insert(1, MakeRemap(4096));
+  EXPECT_FALSE(cache.Lookup(1).has_value());
+  cache.Invalidate(1);
+  cache.InvalidateRange(0, 1000);
+  cache.Clear();
+  RemapCacheStats s = cache.Stats();
+  EXPECT_EQ(s.size, 0u);
+  EXPECT_EQ(s.lookups, 1u);
+  EXPECT_EQ(s.misses, 1u);
+  EXPECT_EQ(s.hits, 0u);
+  EXPECT_EQ(s.capacity, 0u);
+}
+
+TEST(RemapCacheTest, EvictionAtCapacityKeepsSizeBounded) {
+  constexpr uint64_t kCapacity = 100;
+  RemapCache cache(kCapacity);
+  for (uint64_t c = 0; c < 10000; ++c) {
+    cache.Insert(c, MakeRemap(c * 65536));
+    ASSERT_LE(cache.Stats().size, kCapacity);
+  }
+  RemapCacheStats s = cache.Stats();
+  EXPECT_EQ(s.size, kCapacity);
+  EXPECT_EQ(s.evictions, 10000 - kCapacity);
+  // Whatever survived maps to what was inserted for it.
+  uint64_t found = 0;
+  for (uint64_t c = 0; c < 10000; ++c) {
+    auto r = cache.Lookup(c);
+    if (r) {
+      ++found;
+      EXPECT_EQ(r->host_offset, c * 65536);
+    }
+  }
+  EXPECT_EQ(found, kCapacity);
+}
+
+TEST(RemapCacheTest, ReferencedEntriesSurviveEvictionOverUnreferenced) {
+  constexpr uint64_t kCapacity = 64;
+  RemapCache cache(kCapacity);
+  for (uint64_t c = 0; c < kCapacity; ++c) cache.Insert(c, MakeRemap(c));
+  for (uint64_t c = 0; c < 8; ++c) ASSERT_TRUE(cache.Lookup(c).has_value());
+  // Fewer new entries than unreferenced old ones: the hot ones must stay.
+  for (uint64_t c = 1000; c < 1000 + 40; ++c) cache.Insert(c, MakeRemap(c));
+  for (uint64_t c = 0; c < 8; ++c) EXPECT_TRUE(cache.Lookup(c).has_value()) << "hot cluster " << c << " evicted";
+  EXPECT_EQ(cache.Stats().evictions, 40u);
+}
+
+TEST(RemapCacheTest, EvictionSucceedsWhenEveryEntryIsReferenced) {
+  RemapCache cache(32);
+  for (uint64_t c = 0; c < 32; ++c) cache.Insert(c, MakeRemap(c));
+  for (uint64_t c = 0; c < 32; ++c) ASSERT_TRUE(cache.Lookup(c).has_value());
+  cache.Insert(500, MakeRemap(500));
+  ExpectRemapEq(cache.Lookup(500), MakeRemap(500));
+  EXPECT_EQ(cache.Stats().size, 32u);
+  EXPECT_EQ(cache.Stats().evictions, 1u);
+}
+
+TEST(RemapCacheTest, InvalidateRemovesOnlyThatCluster) {
+  RemapCache cache(64);
+  for (uint64_t c = 0; c < 40; ++c) cache.Insert(c, MakeRemap(c));
+  cache.Invalidate(17);
+  cache.Invalidate(1000);  // absent: no effect
+  EXPECT_FALSE(cache.Lookup(17).has_value());
+  for (uint64_t c = 0; c < 40; ++c) {
+    if (c != 17) {
+      EXPECT_TRUE(cache.Lookup(c).has_value()) << c;
+    }
+  }
+  EXPECT_EQ(cache.Stats().size, 39u);
+  EXPECT_EQ(cache.Stats().invalidations, 1u);
+}
+
+// Small range: walked key by key.
+TEST(RemapCacheTest, InvalidateRangeSmallRange) {
+  RemapCache cache(1000);
+  for (uint64_t c = 0; c < 800; ++c) cache.Insert(c, MakeRemap(c));
+  cache.InvalidateRange(100, 50);
+  for (uint64_t c = 0; c < 800; ++c) EXPECT_EQ(cache.Lookup(c).has_value(), c < 100 || c >= 150) << c;
+  EXPECT_EQ(cache.Stats().size, 750u);
+  EXPECT_EQ(cache.Stats().invalidations, 50u);
+}
+
+// Range far larger than the table: walked slot by slot.
+TEST(RemapCacheTest, InvalidateRangeHugeRangeSweepsTable) {
+  RemapCache cache(1000);
+  std::mt19937_64 rng(7);
+  std::unordered_map<uint64_t, Remap> model;
+  const uint64_t lo = uint64_t{1} << 40, hi = lo + (uint64_t{1} << 30);
+  while (model.size() < 900) {
+    uint64_t c = lo - (uint64_t{1} << 30) + rng() % (uint64_t{3} << 30);
+    model[c] = MakeRemap(c);
+    cache.Insert(c, model[c]);
+  }
+  cache.InvalidateRange(lo, hi - lo);
+  uint64_t expected_left = 0;
+  for (const auto& [c, r] : model) {
+    const bool in_range = c >= lo && c < hi;
+    expected_left += !in_range;
+    EXPECT_EQ(cache.Lookup(c).has_value(), !in_range) << c;
+  }
+  EXPECT_EQ(cache.Stats().size, expected_left);
+  EXPECT_EQ(cache.Stats().invalidations, 900 - expected_left);
+}
+
+TEST(RemapCacheTest, InvalidateRangeToTheEndOfTheKeySpaceDoesNotWrap) {
+  RemapCache cache(64);
+  const uint64_t max = std::numeric_limits<uint64_t>::max();
+  cache.Insert(max - 1, MakeRemap(1));
+  cache.Insert(max - 10, MakeRemap(2));
+  cache.Insert(5, MakeRemap(3));
+  cache.InvalidateRange(max - 5, max);  // count overflows: clamps to the end
+  EXPECT_FALSE(cache.Lookup(max - 1).has_value());
+  EXPECT_TRUE(cache.Lookup(max - 10).has_value());
+  EXPECT_TRUE(cache.Lookup(5).has_value());
+}
+
+TEST(RemapCacheTest, ClearEmptiesButKeepsCounters) {
+  RemapCache cache(16);
+  for (uint64_t c = 0; c < 10; ++c) cache.Insert(c, MakeRemap(c));
+  ASSERT_TRUE(cache.Lookup(3).has_value());
+  cache.Clear();
+  EXPECT_FALSE(cache.Lookup(3).has_value());
+  EXPECT_EQ(cache.Stats().size, 0u);
+  EXPECT_EQ(cache.Stats().lookups, 2u);
+  cache.Insert(3, MakeRemap(9));
+  ExpectRemapEq(cache.Lookup(3), MakeRemap(9));
+}
+
+TEST(RemapCacheTest, ProbeLengthCountsSlotsExamined) {
+  RemapCache cache(1024);
+  // One entry: a hit and a miss on an empty home slot each examine one slot
+  // (a miss may land on the entry's slot and examine two).
+  cache.Insert(5, MakeRemap(1));
+  ASSERT_TRUE(cache.Lookup(5).has_value());
+  EXPECT_EQ(cache.Stats().probes, 1u);
+  EXPECT_DOUBLE_EQ(cache.Stats().mean_probe_length(), 1.0);
+  ASSERT_FALSE(cache.Lookup(6).has_value());
+  EXPECT_GE(cache.Stats().probes, 2u);
+  EXPECT_LE(cache.Stats().probes, 3u);
+}
+
+TEST(RemapCacheTest, MeanProbeLengthOfHitsIsNearTheoryAtHalfLoad) {
+  // 2048 slots (1536 / 0.75) filled to 1024 = load 0.5, where linear probing
+  // averages 1.5 slots per successful search; a poor hash on sequential
+  // cluster numbers would cluster badly and go far above.
+  RemapCache cache(1536);
+  for (uint64_t c = 0; c < 1024; ++c) cache.Insert(c, MakeRemap(c));
+  for (uint64_t c = 0; c < 1024; ++c) ASSERT_TRUE(cache.Lookup(c).has_value());
+  const double mean = cache.Stats().mean_probe_length();
+  EXPECT_GE(mean, 1.0);
+  EXPECT_LT(mean, 2.0);
+}
+
+TEST(RemapCacheTest, MemoryBytesScalesWithCapacity) {
+  RemapCache small(16), large(1 << 16);
+  EXPECT_GT(large.MemoryBytes(), small.MemoryBytes());
+  EXPECT_GE(large.MemoryBytes(), (uint64_t{1} << 16) * 16);
+  EXPECT_LT(large.MemoryBytes(), (uint64_t{1} << 16) * 64);
+}
+
+TEST(RemapCacheTest, InvalidLoadFactorFallsBackToDefault) {
+  for (double lf : {0.0, -1.0, 2.0, std::numeric_limits<double>::quiet_NaN()}) {
+    RemapCache cache(100, lf);
+    for (uint64_t c = 0; c < 300; ++c) cache.Insert(c, MakeRemap(c));
+    EXPECT_EQ(cache.Stats().size, 100u);
+    EXPECT_FALSE(cache.Lookup(100000).has_value());  // terminates
+  }
+}
+
+TEST(RemapCacheTest, FullLoadFactorStillTerminatesMisses) {
+  RemapCache cache(64, 1.0);  // 64 entries need at least 65 slots
+  for (uint64_t c = 0; c < 64; ++c) cache.Insert(c, MakeRemap(c));
+  EXPECT_EQ(cache.Stats().size, 64u);
+  EXPECT_FALSE(cache.Lookup(99999).has_value());
+}
+
+// Random operations against std::unordered_map. Without eviction the cache
+// must match the model exactly; every entry must stay reachable through
+// backward-shift deletions (Stats().size counts them all).
+TEST(RemapCacheTest, RandomizedAgainstModelWithoutEviction) {
+  std::mt19937_64 rng(12345);
+  RemapCache cache(4096);
+  std::unordered_map<uint64_t, Remap> model;
+  for (int op = 0; op < 200000; ++op) {
+    // A narrow key space makes long runs and many collisions.
+    const uint64_t c = rng() % 6000;
+    switch (rng() % 8) {
+      case 0: case 1: case 2:
+        if (model.size() < 4096 || model.count(c)) {
+          Remap r = MakeRemap(rng(), static_cast<uint16_t>(rng() % 4), static_cast<uint8_t>(rng() % 8));
+          cache.Insert(c, r);
+          model[c] = r;
+        }
+        break;
+      case 3:
+        cache.Invalidate(c);
+        model.erase(c);
+        break;
+      case 4: {
+        const uint64_t n = rng() % 64;
+        cache.InvalidateRange(c, n);
+        for (uint64_t k = c; k < c + n; ++k) model.erase(k);
+        break;
+      }
+      default: {
+        auto got = cache.Lookup(c);
+        auto it = model.find(c);
+        ASSERT_EQ(got.has_value(), it != model.end()) << "op " << op << " cluster " << c;
+        if (got) {
+          ASSERT_EQ(got->host_offset, it->second.host_offset);
+          ASSERT_EQ(got->layer, it->second.layer);
+          ASSERT_EQ(got->flags, it->second.flags);
+        }
+      }
+    }
+    ASSERT_EQ(cache.Stats().size, model.size()) << "op " << op;
+  }
+  EXPECT_EQ(CountReachable(cache, model), model.size());
+  // A table-sweeping range invalidation on the final state.
+  cache.InvalidateRange(1000, uint64_t{1} << 20);
+  for (auto it = model.begin(); it != model.end();)
+    it = it->first >= 1000 ? model.erase(it) : std::next(it);
+  EXPECT_EQ(cache.Stats().size, model.size());
+  EXPECT_EQ(CountReachable(cache, model), model.size());
+}
+
+// With eviction the cache holds a subset of the model: never a stale or
+// invented entry, never more than capacity, and nothing unreachable.
+TEST(RemapCacheTest, RandomizedAgainstModelWithEviction) {
+  std::mt19937_64 rng(999);
+  constexpr uint64_t kCapacity = 300;
+  RemapCache cache(kCapacity);
+  std::unordered_map<uint64_t, Remap> model;
+  for (int op = 0; op < 100000; ++op) {
+    const uint64_t c = rng() % 2000;
+    switch (rng() % 6) {
+      case 0: case 1: {
+        Remap r = MakeRemap(rng(), static_cast<uint16_t>(rng() % 4), static_cast<uint8_t>(rng() % 8));
+        cache.Insert(c, r);
+        model[c] = r;
+        ASSERT_TRUE(cache.Lookup(c).has_value()) << "just-inserted cluster " << c << " missing";
+        break;
+      }
+      case 2:
+        cache.Invalidate(c);
+        model.erase(c);
+        break;
+      case 3: {
+        const uint64_t n = rng() % 2 ? rng() % 16 : rng() % 4000;
+        cache.InvalidateRange(c, n);
+        for (auto it = model.begin(); it != model.end();)
+          it = (it->first >= c && it->first - c < n) ? model.erase(it) : std::next(it);
+        break;
+      }
+      default: {
+        auto got = cache.Lookup(c);
+        if (got) {
+          auto it = model.find(c);
+          ASSERT_NE(it, model.end()) << "op " << op << ": cache returned invalidated cluster " << c;
+          ASSERT_EQ(got->host_offset, it->second.host_offset) << "op " << op << ": stale remap";
+        }
+      }
+    }
+    ASSERT_LE(cache.Stats().size, kCapacity);
+  }
+  EXPECT_EQ(CountReachable(cache, model), cache.Stats().size);
+}
+
+}  // namespace
+}  // namespace cowtap::cow
