@@ -177,34 +177,69 @@ void EncodeIndirectSegment(uint8_t* page, uint32_t index, const BlkifSegment& se
   s[7] = 0;
 }
 
+namespace {
+std::vector<uint8_t*> ContiguousPages(void* shared, uint32_t ring_pages) {
+  std::vector<uint8_t*> pages;
+  for (uint32_t i = 0; i < ring_pages; ++i) pages.push_back(static_cast<uint8_t*>(shared) + i * kBlkifPageBytes);
+  return pages;
+}
+}  // namespace
+
 FrontRing::FrontRing(void* shared, uint32_t ring_pages, BlkifAbi abi)
-    : base_(static_cast<uint8_t*>(shared)),
+    : FrontRing(ContiguousPages(shared, ring_pages), abi) {}
+
+FrontRing::FrontRing(std::span<uint8_t* const> pages, BlkifAbi abi)
+    : pages_(pages.begin(), pages.end()),
       abi_(abi),
       slot_bytes_(BlkifSlotBytes(abi)),
-      size_(BlkifRingEntries(abi, ring_pages)) {
-  std::memset(base_, 0, kBlkifRingHeaderBytes);
+      size_(BlkifRingEntries(abi, static_cast<uint32_t>(pages.size()))) {
+  std::memset(pages_[0], 0, kBlkifRingHeaderBytes);
   std::atomic_ref<uint32_t>(*SharedIndex(kReqEvent)).store(1, std::memory_order_relaxed);
   std::atomic_ref<uint32_t>(*SharedIndex(kRspEvent)).store(1, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_seq_cst);
 }
 
 uint32_t* FrontRing::SharedIndex(size_t byte_offset) const {
-  return reinterpret_cast<uint32_t*>(base_ + byte_offset);
+  return reinterpret_cast<uint32_t*>(pages_[0] + byte_offset);
 }
 
-uint8_t* FrontRing::Slot(uint32_t index) const {
-  return base_ + kBlkifRingHeaderBytes + size_t{index & (size_ - 1)} * slot_bytes_;
+size_t FrontRing::SlotOffset(uint32_t index) const {
+  return kBlkifRingHeaderBytes + size_t{index & (size_ - 1)} * slot_bytes_;
+}
+
+void FrontRing::CopyToRing(size_t offset, const uint8_t* src, size_t len) {
+  while (len > 0) {
+    const size_t in_page = offset % kBlkifPageBytes;
+    const size_t n = std::min(len, kBlkifPageBytes - in_page);
+    std::memcpy(pages_[offset / kBlkifPageBytes] + in_page, src, n);
+    offset += n;
+    src += n;
+    len -= n;
+  }
+}
+
+void FrontRing::CopyFromRing(size_t offset, uint8_t* dst, size_t len) const {
+  while (len > 0) {
+    const size_t in_page = offset % kBlkifPageBytes;
+    const size_t n = std::min(len, kBlkifPageBytes - in_page);
+    std::memcpy(dst, pages_[offset / kBlkifPageBytes] + in_page, n);
+    offset += n;
+    dst += n;
+    len -= n;
+  }
 }
 
 void FrontRing::QueueRequest(const BlkifRequest& req) {
-  EncodeBlkifRequest(abi_, req, Slot(req_prod_pvt_));
+  uint8_t slot[kLayout64.slot_bytes];
+  EncodeBlkifRequest(abi_, req, slot);
+  CopyToRing(SlotOffset(req_prod_pvt_), slot, slot_bytes_);
   ++req_prod_pvt_;
 }
 
 void FrontRing::QueueRawSlot(std::span<const uint8_t> bytes) {
-  uint8_t* slot = Slot(req_prod_pvt_);
-  std::memset(slot, 0, slot_bytes_);
+  uint8_t slot[kLayout64.slot_bytes] = {};
   std::memcpy(slot, bytes.data(), std::min(bytes.size(), slot_bytes_));
+  CopyToRing(SlotOffset(req_prod_pvt_), slot, slot_bytes_);
   ++req_prod_pvt_;
 }
 
@@ -232,7 +267,9 @@ Result<bool> FrontRing::TakeResponse(BlkifResponse* out) {
                            " is ahead of the requests issued (rsp_cons " + std::to_string(rsp_cons_) +
                            ", req_prod " + std::to_string(req_prod_pvt_) + "); the backend is broken");
   }
-  *out = DecodeBlkifResponse(abi_, Slot(rsp_cons_));
+  uint8_t slot[kLayout64.slot_bytes];
+  CopyFromRing(SlotOffset(rsp_cons_), slot, slot_bytes_);
+  *out = DecodeBlkifResponse(abi_, slot);
   ++rsp_cons_;
   return true;
 }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "base/status.h"
 
@@ -101,9 +102,12 @@ void EncodeIndirectSegment(uint8_t* page, uint32_t index, const BlkifSegment& se
 
 class FrontRing {
  public:
-  // Takes over ring_pages contiguous pages at shared (the guest's mapping of
-  // the pages it will grant), initialises the shared header (indices 0, events
+  // Takes over the ring's pages (the guest's view of the pages it will grant,
+  // in ring-ref order; they need not be contiguous here, the backend maps
+  // them contiguously) and initialises the shared header (indices 0, events
   // 1) as SHARED_RING_INIT + FRONT_RING_INIT do. Not owning.
+  FrontRing(std::span<uint8_t* const> pages, BlkifAbi abi);
+  // The same over ring_pages contiguous pages at shared.
   FrontRing(void* shared, uint32_t ring_pages, BlkifAbi abi);
   FrontRing(const FrontRing&) = delete;
   FrontRing& operator=(const FrontRing&) = delete;
@@ -137,10 +141,14 @@ class FrontRing {
   uint32_t rsp_cons() const { return rsp_cons_; }
 
  private:
-  uint8_t* Slot(uint32_t index) const;
+  // Byte offset of a slot from the start of the ring; slots may straddle
+  // two pages, so they are copied in and out in page-sized pieces.
+  size_t SlotOffset(uint32_t index) const;
+  void CopyToRing(size_t offset, const uint8_t* src, size_t len);
+  void CopyFromRing(size_t offset, uint8_t* dst, size_t len) const;
   uint32_t* SharedIndex(size_t byte_offset) const;
 
-  uint8_t* const base_;
+  std::vector<uint8_t*> pages_;
   const BlkifAbi abi_;
   const size_t slot_bytes_;
   const uint32_t size_;

@@ -189,5 +189,41 @@ TEST_F(FrontRingTest, ForceReqProdPublishesARacingIndex) {
   EXPECT_EQ(Shared(0), 37u);
 }
 
+TEST(FrontRingPagesTest, SlotStraddlingTwoScatteredPagesIsSplitAcrossThem) {
+  // x86_32 slots are 108 bytes: slot 37 spans bytes 4060..4167 of the ring.
+  std::vector<uint8_t> a(kBlkifPageBytes, 0), b(kBlkifPageBytes, 0);
+  uint8_t* pages[2] = {a.data(), b.data()};
+  FrontRing ring(std::span<uint8_t* const>(pages, 2), BlkifAbi::kX86_32);
+  ASSERT_EQ(ring.size(), 64u);
+  BlkifRequest req = SampleRw();
+  for (uint32_t i = 0; i < 38; ++i) {
+    req.id = i;
+    ring.QueueRequest(req);
+  }
+  std::vector<uint8_t> joined(a);
+  joined.insert(joined.end(), b.begin(), b.end());
+  BlkifRequest back = DecodeBlkifRequest(BlkifAbi::kX86_32, joined.data() + 64 + 37 * 108);
+  EXPECT_EQ(back.id, 37u);
+  EXPECT_EQ(back.sector_number, req.sector_number);
+  EXPECT_EQ(back.seg[2].gref, 102u);
+  // A response in the straddling slot is gathered from both pages.
+  EncodeBlkifResponse(BlkifAbi::kX86_32, {37, kBlkifOpWrite, kBlkifRspError}, joined.data() + 64 + 37 * 108);
+  std::memcpy(a.data() + 64, joined.data() + 64, kBlkifPageBytes - 64);
+  std::memcpy(b.data(), joined.data() + kBlkifPageBytes, kBlkifPageBytes);
+  (void)ring.PushRequestsAndCheckNotify();
+  for (uint32_t i = 0; i < 37; ++i) {
+    EncodeBlkifResponse(BlkifAbi::kX86_32, {i, kBlkifOpWrite, kBlkifRspOkay}, joined.data() + 64 + i * 108);
+  }
+  std::memcpy(a.data() + 64, joined.data() + 64, kBlkifPageBytes - 64);
+  StoreLe32(a.data() + 8, 38);
+  BlkifResponse rsp;
+  for (uint32_t i = 0; i < 38; ++i) {
+    auto got = ring.TakeResponse(&rsp);
+    ASSERT_TRUE(got.ok() && *got);
+    EXPECT_EQ(rsp.id, i);
+  }
+  EXPECT_EQ(rsp.status, kBlkifRspError);
+}
+
 }  // namespace
 }  // namespace cowtap::xen
