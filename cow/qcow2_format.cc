@@ -254,6 +254,11 @@ Result<std::vector<uint8_t>> EncodeQcow2Header(const Qcow2Header& h) {
     ok &= put_ext(kQcow2ExtBackingFormat, str(h.backing_format), static_cast<uint32_t>(h.backing_format.size()));
   if (h.version >= 3 && !h.data_file.empty())
     ok &= put_ext(kQcow2ExtDataFile, str(h.data_file), static_cast<uint32_t>(h.data_file.size()));
+  for (const auto& e : h.other_extensions)
+    ok &= put_ext(e.type, e.data.data(), static_cast<uint32_t>(e.data.size()));
+  if (!ok) return Status::InvalidArgument("qcow2 header extensions do not fit in one cluster");
+  // The feature name table is informative only: left out when the cluster
+  // is too small to hold it next to the backing file name.
   if (!h.feature_names.empty()) {
     std::vector<uint8_t> t(h.feature_names.size() * 48, 0);
     for (size_t i = 0; i < h.feature_names.size(); ++i) {
@@ -262,11 +267,9 @@ Result<std::vector<uint8_t>> EncodeQcow2Header(const Qcow2Header& h) {
       std::copy_n(h.feature_names[i].name.begin(), std::min<size_t>(46, h.feature_names[i].name.size()),
                   t.begin() + i * 48 + 2);
     }
-    ok &= put_ext(kQcow2ExtFeatureTable, t.data(), static_cast<uint32_t>(t.size()));
+    if (off + 8 + t.size() + 8 + h.backing_file.size() <= cs)
+      put_ext(kQcow2ExtFeatureTable, t.data(), static_cast<uint32_t>(t.size()));
   }
-  for (const auto& e : h.other_extensions)
-    ok &= put_ext(e.type, e.data.data(), static_cast<uint32_t>(e.data.size()));
-  if (!ok) return Status::InvalidArgument("qcow2 header extensions do not fit in one cluster");
   off += 8;  // end-of-extensions marker (zeros)
   if (!h.backing_file.empty()) {
     if (h.backing_file.size() > kQcow2MaxBackingNameBytes || off + h.backing_file.size() > cs)

@@ -55,9 +55,15 @@ Status Qcow2Refcounts::Set(uint64_t cluster_index, uint64_t value) {
   uint64_t bi = cluster_index / block_entries_;
   if (bi >= table_.size() || table_[bi] == 0) {
     if (value == 0) return Status::Ok();
-    COWTAP_RETURN_IF_ERROR(EnsureBlock(bi, cluster_index));
-    // The new block may sit on the very cluster being set only if it was
-    // free, which a caller setting a non-zero value must not have assumed.
+    // Put the new block on a cluster of its own range other than the one
+    // being set, at or above the allocation floor.
+    uint64_t first = bi * block_entries_;
+    uint64_t pick = std::max(first, floor_);
+    if (pick == cluster_index) ++pick;
+    if (pick >= first + block_entries_)
+      return Status::NotSupported(path_ + ": cannot place a refcount block for cluster " +
+                                  std::to_string(cluster_index) + "; run `qemu-img check -r all`");
+    COWTAP_RETURN_IF_ERROR(EnsureBlock(bi, pick));
   }
   COWTAP_ASSIGN_OR_RETURN(uint8_t * b, Block(bi));
   SetQcow2Refcount({b, cluster_size()}, cluster_index % block_entries_, geometry_.refcount_order, value);

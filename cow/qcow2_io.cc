@@ -1,0 +1,467 @@
+// Qcow2Image guest I/O: cluster lookup (remap cache, then L1 -> L2 slice),
+// reads through every cluster state, allocating writes with merged
+// copy-on-write, and the map. Discard / write-zeroes are in qcow2_zero.cc.
+#include <algorithm>
+#include <cstring>
+
+#include "base/checked_math.h"
+#include "base/endian.h"
+#include "cow/qcow2_image.h"
+
+namespace cowtap::cow {
+namespace {
+
+std::string Hex(uint64_t v) {
+  char buf[24];
+  snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+bool AllZero(const std::vector<uint8_t>& b) {
+  return std::all_of(b.begin(), b.end(), [](uint8_t x) { return x == 0; });
+}
+
+std::vector<iovec> Slice(IoVecs iov, uint64_t offset, uint64_t length) {
+  std::vector<iovec> out;
+  SliceIoVecs(iov, offset, length, &out);
+  return out;
+}
+
+uint32_t SubMask(uint64_t first, uint64_t end) {
+  uint64_t m = (end >= 32 ? ~0ull : (1ull << end) - 1) & ~((1ull << first) - 1);
+  return static_cast<uint32_t>(m);
+}
+
+}  // namespace
+
+Result<Qcow2Image::ClusterRef> Qcow2Image::LookupCluster(uint64_t vcluster) {
+  ClusterRef r;
+  r.vcluster = vcluster;
+  const uint64_t l1i = vcluster / h_.l2_entries();
+  if (l1i >= l1_.size()) return r;
+  COWTAP_ASSIGN_OR_RETURN(uint64_t l2off, DecodeQcow2L1Entry(l1_[l1i], h_, l1_offset_ + l1i * 8, path_));
+  if (l2off == 0) return r;
+  if (!RangeWithin(l2off, cluster_size_, file_size_))
+    return Status::Corrupt(path_ + ": L2 table at offset " + Hex(l2off) + " (L1 index " + std::to_string(l1i) +
+                           ") lies beyond the end of the file; run `qemu-img check`");
+  const uint64_t eb = h_.l2_entry_bytes();
+  const uint64_t byte = (vcluster % h_.l2_entries()) * eb;
+  const uint64_t slice = l2_cache_->entry_bytes();
+  r.has_l2 = true;
+  r.slice_offset = l2off + byte / slice * slice;
+  r.index = (byte % slice) / eb;
+  r.entry_offset = l2off + byte;
+  COWTAP_ASSIGN_OR_RETURN(uint8_t * p, l2_cache_->Get(r.slice_offset));
+  r.entry.raw = LoadBe64(p + r.index * eb);
+  if (eb == 16) r.entry.bitmap = LoadBe64(p + r.index * eb + 8);
+  const bool data_file = data_ != file_.get();
+  COWTAP_ASSIGN_OR_RETURN(r.type, ClassifyQcow2L2Entry(r.entry, h_, data_file, r.entry_offset, path_));
+  if (r.type == Qcow2ClusterType::kCompressed) {
+    auto d = DecodeQcow2Compressed(r.entry.raw, h_.cluster_bits);
+    if (d.host_offset >= file_size_)
+      return Status::Corrupt(path_ + ": compressed cluster at " + Hex(d.host_offset) + " (L2 entry at " +
+                             Hex(r.entry_offset) + ") lies beyond the end of the file");
+  } else if ((r.type == Qcow2ClusterType::kNormal || r.type == Qcow2ClusterType::kZeroAlloc) && !data_file) {
+    uint64_t host = r.entry.raw & kQcow2OffsetMask;
+    if (host >= file_size_)
+      return Status::Corrupt(path_ + ": data cluster at " + Hex(host) + " (L2 entry at " + Hex(r.entry_offset) +
+                             ") lies beyond the end of the file; run `qemu-img check`");
+    if (host == 0) return Status::Corrupt(path_ + ": L2 entry at " + Hex(r.entry_offset) + " points at the header");
+  }
+  return r;
+}
+
+Status Qcow2Image::SetL2Entry(const ClusterRef& ref, uint64_t raw, uint64_t bitmap) {
+  COWTAP_ASSIGN_OR_RETURN(uint8_t * p, l2_cache_->Get(ref.slice_offset));
+  const uint64_t eb = h_.l2_entry_bytes();
+  StoreBe64(p + ref.index * eb, raw);
+  if (eb == 16) StoreBe64(p + ref.index * eb + 8, bitmap);
+  l2_cache_->MarkDirty(ref.slice_offset);
+  InvalidateRemap(ref.vcluster);
+  return Status::Ok();
+}
+
+Result<Qcow2Image::ClusterRef> Qcow2Image::LookupClusterForWrite(uint64_t vcluster) {
+  const uint64_t l1i = vcluster / h_.l2_entries();
+  if (l1i >= l1_.size()) return Status::Internal(path_ + ": cluster beyond the L1 table");
+  COWTAP_ASSIGN_OR_RETURN(uint64_t old, DecodeQcow2L1Entry(l1_[l1i], h_, l1_offset_ + l1i * 8, path_));
+  if (old != 0 && (l1_[l1i] & kQcow2Copied)) return LookupCluster(vcluster);
+  // A new L2 table, or a private copy of one shared with a snapshot.
+  std::vector<uint8_t> table(cluster_size_, 0);
+  if (old != 0) {
+    if (!RangeWithin(old, cluster_size_, file_size_))
+      return Status::Corrupt(path_ + ": L2 table at " + Hex(old) + " lies beyond the end of the file");
+    COWTAP_RETURN_IF_ERROR(l2_cache_->FlushDirty());
+    COWTAP_RETURN_IF_ERROR(file_->ReadAt(old, table));
+  }
+  COWTAP_ASSIGN_OR_RETURN(uint64_t off, AllocateClusters(1));
+  high_water_ = std::max(high_water_, off + cluster_size_);
+  for (uint64_t s = 0; s < cluster_size_; s += l2_cache_->entry_bytes()) l2_cache_->Drop(off + s);
+  COWTAP_RETURN_IF_ERROR(file_->WriteAt(off, table));
+  // The table (and its refcount) must be durable before the L1 entry.
+  COWTAP_RETURN_IF_ERROR(SatisfyRefcountDependency());
+  COWTAP_RETURN_IF_ERROR(file_->Flush());
+  l1_[l1i] = off | kQcow2Copied;
+  COWTAP_RETURN_IF_ERROR(WriteL1Entry(l1i));
+  if (remap_) remap_->InvalidateRange(l1i * h_.l2_entries(), h_.l2_entries());
+  if (old != 0) {
+    std::vector<uint64_t> free_list{old / cluster_size_};
+    COWTAP_RETURN_IF_ERROR(FreeClusters(&free_list));
+  }
+  return LookupCluster(vcluster);
+}
+
+Status Qcow2Image::Read(uint64_t offset, IoVecs iov) {
+  std::lock_guard lock(mu_);
+  COWTAP_RETURN_IF_ERROR(CheckRange(offset, TotalLength(iov)));
+  return ReadLocked(offset, iov);
+}
+
+Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
+  const uint64_t total = TotalLength(iov);
+  uint64_t pos = 0;
+  while (pos < total) {
+    const uint64_t g = offset + pos;
+    const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
+    const uint64_t n = std::min(cluster_size_ - in, total - pos);
+    std::vector<iovec> sub = Slice(iov, pos, n);
+    pos += n;
+    if (remap_) {
+      if (auto m = remap_->Lookup(vc)) {
+        if (m->flags & Remap::kZero) {
+          ZeroIoVecs(sub, 0, n);
+        } else if (m->flags & Remap::kBacking) {
+          COWTAP_RETURN_IF_ERROR(ReadBacking(g, sub));
+        } else {
+          COWTAP_RETURN_IF_ERROR(data_->ReadvAt(m->host_offset + in, sub));
+        }
+        continue;
+      }
+    }
+    COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
+    COWTAP_RETURN_IF_ERROR(ReadCluster(ref, in, sub));
+    if (!remap_) continue;
+    // Publish whole-cluster states only.
+    const bool ext = h_.extended_l2();
+    const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
+    if (ref.type == Qcow2ClusterType::kZeroPlain || ref.type == Qcow2ClusterType::kZeroAlloc) {
+      if (!ext || zero == 0xffffffffu) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
+    } else if (ref.type == Qcow2ClusterType::kUnallocated && (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
+      if (!ext || zero == 0) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
+    } else if (ref.type == Qcow2ClusterType::kNormal && data_ == file_.get() && (!ext || alloc == 0xffffffffu)) {
+      uint8_t flags = (ref.entry.raw & kQcow2Copied) ? Remap::kWritable : 0;
+      remap_->Insert(vc, Remap{ref.entry.raw & kQcow2OffsetMask, 0, flags});
+    }
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::ReadBacking(uint64_t offset, IoVecs iov) {
+  const uint64_t n = TotalLength(iov);
+  uint64_t avail = 0;
+  if (backing_ && offset < backing_->size_bytes()) avail = std::min(n, backing_->size_bytes() - offset);
+  if (avail) {
+    std::vector<iovec> head = Slice(iov, 0, avail);
+    COWTAP_RETURN_IF_ERROR(backing_->Read(offset, head));
+  }
+  if (avail < n) ZeroIoVecs(iov, avail, n - avail);
+  return Status::Ok();
+}
+
+Status Qcow2Image::ReadCompressed(const ClusterRef& ref, uint64_t in, IoVecs iov) {
+  if (decompressed_.size() != cluster_size_ || decompressed_raw_ != ref.entry.raw) {
+    auto d = DecodeQcow2Compressed(ref.entry.raw, h_.cluster_bits);
+    std::vector<uint8_t> input(d.max_length);
+    COWTAP_RETURN_IF_ERROR(file_->ReadAt(d.host_offset, input));
+    decompressed_.assign(cluster_size_, 0);
+    decompressed_raw_ = 0;
+    COWTAP_RETURN_IF_ERROR(DecompressCluster(static_cast<CompressionType>(h_.compression_type), input, decompressed_,
+                                             path_ + ": compressed cluster at " + Hex(d.host_offset)));
+    decompressed_raw_ = ref.entry.raw;
+  }
+  CopyToIoVecs(iov, 0, decompressed_.data() + in, TotalLength(iov));
+  return Status::Ok();
+}
+
+Status Qcow2Image::ReadCluster(const ClusterRef& ref, uint64_t in, IoVecs iov) {
+  const uint64_t n = TotalLength(iov);
+  const uint64_t g = ref.vcluster * cluster_size_ + in;
+  switch (ref.type) {
+    case Qcow2ClusterType::kCompressed: return ReadCompressed(ref, in, iov);
+    case Qcow2ClusterType::kZeroAlloc: ZeroIoVecs(iov, 0, n); return Status::Ok();
+    case Qcow2ClusterType::kUnallocated:
+    case Qcow2ClusterType::kZeroPlain:
+    case Qcow2ClusterType::kNormal: break;
+  }
+  if (!h_.extended_l2()) {
+    if (ref.type == Qcow2ClusterType::kZeroPlain) {
+      ZeroIoVecs(iov, 0, n);
+      return Status::Ok();
+    }
+    if (ref.type == Qcow2ClusterType::kUnallocated) return ReadBacking(g, iov);
+    return data_->ReadvAt((ref.entry.raw & kQcow2OffsetMask) + in, iov);
+  }
+  // Extended L2: each subcluster is allocated, zero, or reads the backing.
+  const uint64_t sc = cluster_size_ / 32;
+  const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
+  const bool has_host = ref.type == Qcow2ClusterType::kNormal;
+  auto state = [&](uint64_t i) { return (has_host && (alloc >> i & 1)) ? 1 : (zero >> i & 1) ? 2 : 0; };
+  uint64_t pos = 0;
+  while (pos < n) {
+    uint64_t i = (in + pos) / sc;
+    int st = state(i);
+    uint64_t end = std::min(n, (i + 1) * sc - in);
+    while (end < n && state((in + end) / sc) == st) end = std::min(n, ((in + end) / sc + 1) * sc - in);
+    std::vector<iovec> sub = Slice(iov, pos, end - pos);
+    if (st == 1) {
+      COWTAP_RETURN_IF_ERROR(data_->ReadvAt((ref.entry.raw & kQcow2OffsetMask) + in + pos, sub));
+    } else if (st == 2) {
+      ZeroIoVecs(sub, 0, end - pos);
+    } else {
+      COWTAP_RETURN_IF_ERROR(ReadBacking(g + pos, sub));
+    }
+    pos = end;
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::Write(uint64_t offset, IoVecs iov) {
+  std::lock_guard lock(mu_);
+  COWTAP_RETURN_IF_ERROR(CheckRange(offset, TotalLength(iov)));
+  COWTAP_RETURN_IF_ERROR(CheckWritable());
+  Status s = h_.extended_l2() ? WriteExtended(offset, iov) : WriteLocked(offset, iov);
+  if (s.code() == ErrorCode::kCorrupt) return MarkBroken(s);
+  return s;
+}
+
+Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
+  const uint64_t total = TotalLength(iov);
+  const bool data_file = data_ != file_.get();
+  uint64_t pos = 0;
+  auto in_place = [&](const ClusterRef& r) {
+    return r.type == Qcow2ClusterType::kNormal && (data_file || (r.entry.raw & kQcow2Copied));
+  };
+  while (pos < total) {
+    const uint64_t g = offset + pos;
+    const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
+    uint64_t n = std::min(cluster_size_ - in, total - pos);
+    COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
+    if (in_place(ref)) {
+      std::vector<iovec> sub = Slice(iov, pos, n);
+      COWTAP_RETURN_IF_ERROR(data_->WritevAt((ref.entry.raw & kQcow2OffsetMask) + in, sub));
+      pos += n;
+      continue;
+    }
+    // A run of clusters that all need allocation: one contiguous allocation
+    // and one write.
+    uint64_t k = 1;
+    while (pos + n < total && k < 256) {
+      uint64_t next = std::min(cluster_size_, total - pos - n);
+      COWTAP_ASSIGN_OR_RETURN(ClusterRef r2, LookupCluster(vc + k));
+      if (in_place(r2)) break;
+      n += next;
+      ++k;
+    }
+    COWTAP_RETURN_IF_ERROR(WriteClusterRun(g, Slice(iov, pos, n), k));
+    pos += n;
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data, uint64_t k) {
+  const uint64_t len = TotalLength(data);
+  const uint64_t vc = g / cluster_size_;
+  const uint64_t start = vc * cluster_size_;
+  const uint64_t end = g + len;
+  const uint64_t run_end = start + k * cluster_size_;
+  const bool data_file = data_ != file_.get();
+  // Copy-on-write areas: what the guest sees there now.
+  std::vector<uint8_t> head(g - start), tail(run_end - end);
+  if (!head.empty()) COWTAP_RETURN_IF_ERROR(ReadLocked(start, std::vector<iovec>{MakeIoVec(head.data(), head.size())}));
+  if (!tail.empty()) {
+    uint64_t avail = end < info_.size_bytes ? std::min<uint64_t>(tail.size(), info_.size_bytes - end) : 0;
+    if (avail) COWTAP_RETURN_IF_ERROR(ReadLocked(end, std::vector<iovec>{MakeIoVec(tail.data(), avail)}));
+  }
+  std::vector<ClusterRef> refs;
+  for (uint64_t i = 0; i < k; ++i) {
+    COWTAP_ASSIGN_OR_RETURN(ClusterRef r, LookupClusterForWrite(vc + i));
+    refs.push_back(r);
+  }
+  uint64_t host;
+  bool fresh = false;
+  if (data_file) {
+    host = start;
+  } else if (k == 1 && refs[0].type == Qcow2ClusterType::kZeroAlloc && (refs[0].entry.raw & kQcow2Copied)) {
+    host = refs[0].entry.raw & kQcow2OffsetMask;  // preallocated zero cluster: reuse it
+  } else {
+    COWTAP_ASSIGN_OR_RETURN(host, AllocateClusters(k));
+    fresh = IsFresh(host);
+    high_water_ = std::max(high_water_, host + k * cluster_size_);
+  }
+  // Skip zero COW areas on a cluster that already reads as zeros.
+  const bool skip_head = fresh && AllZero(head), skip_tail = fresh && AllZero(tail);
+  std::vector<iovec> io;
+  if (!skip_head && !head.empty()) io.push_back(MakeIoVec(head.data(), head.size()));
+  io.insert(io.end(), data.begin(), data.end());
+  if (!skip_tail && !tail.empty()) io.push_back(MakeIoVec(tail.data(), tail.size()));
+  COWTAP_RETURN_IF_ERROR(data_->WritevAt(host + (skip_head ? head.size() : 0), io));
+  std::vector<uint64_t> to_free;
+  for (uint64_t i = 0; i < k; ++i) {
+    const ClusterRef& r = refs[i];
+    if (!data_file) {
+      if (r.type == Qcow2ClusterType::kCompressed) {
+        auto d = DecodeQcow2Compressed(r.entry.raw, h_.cluster_bits);
+        for (uint64_t c = d.host_offset / cluster_size_; c <= (d.host_offset + d.max_length - 1) / cluster_size_; ++c)
+          to_free.push_back(c);
+      } else if ((r.type == Qcow2ClusterType::kNormal || r.type == Qcow2ClusterType::kZeroAlloc) &&
+                 (r.entry.raw & kQcow2OffsetMask) != host + i * cluster_size_) {
+        to_free.push_back((r.entry.raw & kQcow2OffsetMask) / cluster_size_);
+      }
+    }
+    COWTAP_RETURN_IF_ERROR(SetL2Entry(r, (host + i * cluster_size_) | kQcow2Copied, 0));
+  }
+  return FreeClusters(&to_free);
+}
+
+Status Qcow2Image::WriteExtended(uint64_t offset, IoVecs iov) {
+  const uint64_t total = TotalLength(iov);
+  const uint64_t sc = cluster_size_ / 32;
+  const bool data_file = data_ != file_.get();
+  uint64_t pos = 0;
+  while (pos < total) {
+    const uint64_t g = offset + pos;
+    const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
+    const uint64_t n = std::min(cluster_size_ - in, total - pos);
+    std::vector<iovec> sub = Slice(iov, pos, n);
+    pos += n;
+    const uint64_t start = vc * cluster_size_;
+    COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
+    const bool has_host = ref.type == Qcow2ClusterType::kNormal;
+    const bool whole = ref.type == Qcow2ClusterType::kCompressed ||
+                       (has_host && !data_file && !(ref.entry.raw & kQcow2Copied));
+    // Region written: the touched subclusters, or the whole cluster when a
+    // shared or compressed cluster is copied.
+    uint64_t s0 = whole ? 0 : in / sc, s1 = whole ? 32 : DivRoundUp(in + n, sc);
+    uint64_t rs = start + s0 * sc, re = start + s1 * sc;
+    std::vector<uint8_t> head(g - rs), tail(re - (g + n));
+    if (!head.empty()) COWTAP_RETURN_IF_ERROR(ReadLocked(rs, std::vector<iovec>{MakeIoVec(head.data(), head.size())}));
+    if (!tail.empty()) {
+      uint64_t e = g + n;
+      uint64_t avail = e < info_.size_bytes ? std::min<uint64_t>(tail.size(), info_.size_bytes - e) : 0;
+      if (avail) COWTAP_RETURN_IF_ERROR(ReadLocked(e, std::vector<iovec>{MakeIoVec(tail.data(), avail)}));
+    }
+    COWTAP_ASSIGN_OR_RETURN(ref, LookupClusterForWrite(vc));
+    uint64_t host = ref.entry.raw & kQcow2OffsetMask;
+    uint64_t bitmap = ref.entry.bitmap;
+    std::vector<uint64_t> to_free;
+    bool fresh = false;
+    if (whole || !has_host) {
+      if (has_host && !data_file) to_free.push_back(host / cluster_size_);
+      if (ref.type == Qcow2ClusterType::kCompressed) {
+        auto d = DecodeQcow2Compressed(ref.entry.raw, h_.cluster_bits);
+        for (uint64_t c = d.host_offset / cluster_size_; c <= (d.host_offset + d.max_length - 1) / cluster_size_; ++c)
+          to_free.push_back(c);
+      }
+      if (data_file) {
+        host = start;
+      } else {
+        COWTAP_ASSIGN_OR_RETURN(host, AllocateClusters(1));
+        fresh = IsFresh(host);
+        high_water_ = std::max(high_water_, host + cluster_size_);
+      }
+      if (whole) bitmap = 0;
+    }
+    const bool skip_head = fresh && AllZero(head), skip_tail = fresh && AllZero(tail);
+    std::vector<iovec> io;
+    if (!skip_head && !head.empty()) io.push_back(MakeIoVec(head.data(), head.size()));
+    io.insert(io.end(), sub.begin(), sub.end());
+    if (!skip_tail && !tail.empty()) io.push_back(MakeIoVec(tail.data(), tail.size()));
+    COWTAP_RETURN_IF_ERROR(data_->WritevAt(host + s0 * sc + (skip_head ? head.size() : 0), io));
+    uint32_t mask = SubMask(s0, s1);
+    uint64_t new_bitmap = (uint64_t{Qcow2SubZeroMask(bitmap) & ~mask} << 32) | (Qcow2SubAllocMask(bitmap) | mask);
+    uint64_t new_raw = host | kQcow2Copied;
+    if (new_raw != ref.entry.raw || new_bitmap != ref.entry.bitmap)
+      COWTAP_RETURN_IF_ERROR(SetL2Entry(ref, new_raw, new_bitmap));
+    COWTAP_RETURN_IF_ERROR(FreeClusters(&to_free));
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<Extent>> Qcow2Image::Map(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(mu_);
+  COWTAP_RETURN_IF_ERROR(CheckRange(offset, length));
+  std::vector<Extent> out;
+  COWTAP_RETURN_IF_ERROR(MapLayer(offset, length, &out));
+  return out;
+}
+
+Status Qcow2Image::MapLayer(uint64_t offset, uint64_t length, std::vector<Extent>* out) {
+  auto push = [&](Extent e) {
+    if (e.length == 0) return;
+    if (!out->empty()) {
+      Extent& b = out->back();
+      bool host_ok = b.host_offset.has_value() == e.host_offset.has_value() &&
+                     (!e.host_offset || *b.host_offset + b.length == *e.host_offset);
+      if (b.offset + b.length == e.offset && b.data == e.data && b.zero == e.zero && b.compressed == e.compressed &&
+          b.depth == e.depth && b.file == e.file && host_ok) {
+        b.length += e.length;
+        return;
+      }
+    }
+    out->push_back(std::move(e));
+  };
+  auto backing = [&](uint64_t g, uint64_t n) -> Status {
+    uint64_t avail = backing_ && g < backing_->size_bytes() ? std::min(n, backing_->size_bytes() - g) : 0;
+    if (avail) {
+      COWTAP_ASSIGN_OR_RETURN(auto below, backing_->Map(g, avail));
+      for (auto& e : below) {
+        ++e.depth;
+        push(std::move(e));
+      }
+    }
+    if (avail < n) push(Extent{g + avail, n - avail, false, true, false, 0, std::nullopt, ""});
+    return Status::Ok();
+  };
+  const std::string& data_path = data_ != file_.get() ? h_.data_file : path_;
+  const uint64_t end = offset + length;
+  uint64_t g = offset;
+  while (g < end) {
+    const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
+    const uint64_t n = std::min(cluster_size_ - in, end - g);
+    COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
+    const uint64_t host = ref.entry.raw & kQcow2OffsetMask;
+    switch (ref.type) {
+      case Qcow2ClusterType::kCompressed: push(Extent{g, n, true, false, true, 0, std::nullopt, path_}); break;
+      case Qcow2ClusterType::kZeroAlloc: push(Extent{g, n, false, true, false, 0, host + in, data_path}); break;
+      default:
+        if (!h_.extended_l2()) {
+          if (ref.type == Qcow2ClusterType::kZeroPlain) {
+            push(Extent{g, n, false, true, false, 0, std::nullopt, ""});
+          } else if (ref.type == Qcow2ClusterType::kUnallocated) {
+            COWTAP_RETURN_IF_ERROR(backing(g, n));
+          } else {
+            push(Extent{g, n, true, false, false, 0, host + in, data_path});
+          }
+          break;
+        }
+        {
+          const uint64_t sc = cluster_size_ / 32;
+          const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
+          for (uint64_t p = in; p < in + n;) {
+            uint64_t i = p / sc, q = std::min(in + n, (i + 1) * sc);
+            if (ref.type == Qcow2ClusterType::kNormal && (alloc >> i & 1))
+              push(Extent{vc * cluster_size_ + p, q - p, true, false, false, 0, host + p, data_path});
+            else if (zero >> i & 1)
+              push(Extent{vc * cluster_size_ + p, q - p, false, true, false, 0, std::nullopt, ""});
+            else
+              COWTAP_RETURN_IF_ERROR(backing(vc * cluster_size_ + p, q - p));
+            p = q;
+          }
+        }
+    }
+    g += n;
+  }
+  return Status::Ok();
+}
+
+}  // namespace cowtap::cow
