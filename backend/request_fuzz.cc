@@ -56,7 +56,8 @@ void CheckOne(Abi abi, const uint8_t* slot, const DeviceLimits& limits, const ui
 
   BlockRequest out;
   Status s = ValidateRequest(request, limits, &out);
-  Require(out.id == request.id && out.operation == request.operation);
+  Require(out.id == request.id &&
+          out.operation == (request.operation == kOpIndirect ? request.indirect_op : request.operation));
   const int16_t rsp = ResponseStatusFor(s);
   Require(rsp == kRspOkay || rsp == kRspError || rsp == kRspEopnotsupp);
   if (!s.ok()) return;

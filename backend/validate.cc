@@ -19,12 +19,16 @@ std::string OpName(uint8_t op) {
   }
 }
 
+std::string OpName(const BlockRequest& r) {
+  return r.indirect ? "INDIRECT " + OpName(r.operation) : OpName(r.operation);
+}
+
 Status Invalid(const BlockRequest& r, std::string_view what) {
-  return Status::InvalidArgument(fmt::format("{} id={}: {}", OpName(r.operation), r.id, what));
+  return Status::InvalidArgument(fmt::format("{} id={}: {}", OpName(r), r.id, what));
 }
 
 Status Unsupported(const BlockRequest& r, std::string_view what) {
-  return Status::NotSupported(fmt::format("{} id={}: {}", OpName(r.operation), r.id, what));
+  return Status::NotSupported(fmt::format("{} id={}: {}", OpName(r), r.id, what));
 }
 
 Status CheckLimits(const DeviceLimits& limits) {
@@ -45,7 +49,7 @@ Status CheckRange(const BlockRequest& r, const DeviceLimits& limits, uint64_t se
   uint64_t end_sector;
   if (!CheckedAdd(sector, count, &end_sector) || end_sector > limits.sectors) {
     return Status::OutOfRange(fmt::format("{} id={}: sectors [{}, +{}) are outside the disk of {} sectors",
-                                          OpName(r.operation), r.id, sector, count, limits.sectors));
+                                          OpName(r), r.id, sector, count, limits.sectors));
   }
   // end_sector <= sectors and sectors * sector_size is the disk size in
   // bytes, which the device reported as a uint64_t, so these cannot overflow
@@ -53,7 +57,7 @@ Status CheckRange(const BlockRequest& r, const DeviceLimits& limits, uint64_t se
   if (!CheckedMul<uint64_t>(sector, limits.sector_size, offset_bytes) ||
       !CheckedMul<uint64_t>(count, limits.sector_size, length_bytes) ||
       !RangeWithin(*offset_bytes, *length_bytes, UINT64_MAX)) {
-    return Status::OutOfRange(fmt::format("{} id={}: sector {} overflows a byte offset", OpName(r.operation),
+    return Status::OutOfRange(fmt::format("{} id={}: sector {} overflows a byte offset", OpName(r),
                                           r.id, sector));
   }
   return Status::Ok();
@@ -76,6 +80,7 @@ Status ValidateDiscard(const Request& request, const DeviceLimits& limits, Block
 }
 
 Status ValidateIndirect(const Request& request, const DeviceLimits& limits, BlockRequest* out) {
+  out->indirect = true;
   if (limits.max_indirect_segments == 0) {
     return Unsupported(*out, "indirect requests were not advertised (no feature-max-indirect-segments)");
   }
@@ -90,7 +95,6 @@ Status ValidateIndirect(const Request& request, const DeviceLimits& limits, Bloc
   if (out->op == BlockOp::kWrite && limits.read_only) {
     return Status::ReadOnly(fmt::format("INDIRECT WRITE id={}: the device is read-only", out->id));
   }
-  out->indirect = true;
   out->sector_number = request.sector_number;
   out->nr_segments = request.nr_segments;
   out->nr_indirect_pages = static_cast<uint32_t>(DivRoundUp(request.nr_segments, kSegmentsPerIndirectPage));
@@ -109,7 +113,7 @@ Status ValidateIndirect(const Request& request, const DeviceLimits& limits, Bloc
 Status ValidateRequest(const Request& request, const DeviceLimits& limits, BlockRequest* out) {
   *out = BlockRequest();
   out->id = request.id;
-  out->operation = request.operation;
+  out->operation = request.operation == kOpIndirect ? request.indirect_op : request.operation;
   COWTAP_RETURN_IF_ERROR(CheckLimits(limits));
 
   switch (request.operation) {

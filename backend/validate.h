@@ -42,8 +42,11 @@ enum class BlockOp : uint8_t { kRead, kWrite, kFlush, kDiscard };
 // A request that passed ValidateRequest (and, for reads and writes,
 // ValidateSegments): everything in it is in range.
 struct BlockRequest {
-  uint64_t id = 0;         // echoed in the response
-  uint8_t operation = 0;   // the wire operation, echoed in the response
+  uint64_t id = 0;  // echoed in the response
+  // The operation to echo in the response: the wire operation, except for
+  // INDIRECT, where it is indirect_op (Linux blkfront checks that a
+  // response's operation equals the indirect_op it sent, as blkback does).
+  uint8_t operation = 0;
   BlockOp op = BlockOp::kRead;
   // kWrite from WRITE_BARRIER or FLUSH_DISKCACHE carrying data: the data
   // must be durable (and every earlier write with it) before the answer.
@@ -65,7 +68,7 @@ struct BlockRequest {
 };
 
 // Checks request against limits and fills *out. out->id and out->operation
-// are set even on failure, so the caller can always answer the guest.
+// (see BlockRequest) are set even on failure, so the caller can always answer the guest.
 // Checks: opcode known and advertised; segment count 1..11 (direct; 0 allowed
 // only for FLUSH_DISKCACHE and WRITE_BARRIER) or 1..max_indirect_segments
 // (indirect, whose indirect_op must be READ or WRITE); for direct requests

@@ -53,7 +53,7 @@ int16_t Answer(const Request& r, const DeviceLimits& l, BlockRequest* out = null
   BlockRequest* o = out ? out : &local;
   Status s = ValidateRequest(r, l, o);
   EXPECT_EQ(o->id, r.id) << "the id must be known even on failure";
-  EXPECT_EQ(o->operation, r.operation);
+  EXPECT_EQ(o->operation, r.operation == kOpIndirect ? r.indirect_op : r.operation);
   return ResponseStatusFor(s);
 }
 
@@ -126,6 +126,16 @@ TEST(ValidateTest, AcceptsIndirectAndLeavesSegmentsToCaller) {
   std::vector<Segment> segs(256, Segment{7, 0, 7});
   ASSERT_TRUE(ValidateSegments(segs, Limits(), &b).ok());
   EXPECT_EQ(b.length_bytes, 256u * 4096);
+}
+
+TEST(ValidateTest, IndirectResponseEchoesIndirectOp) {
+  BlockRequest b;
+  ASSERT_EQ(Answer(Indirect(kOpWrite, 3), Limits(), &b), kRspOkay);
+  EXPECT_EQ(b.operation, kOpWrite);
+  DeviceLimits l = Limits();
+  l.max_indirect_segments = 0;
+  ValidateRequest(Indirect(kOpRead, 3), l, &b).IgnoreError();
+  EXPECT_EQ(b.operation, kOpRead) << "rejected indirect requests echo indirect_op too";
 }
 
 TEST(ValidateTest, IndirectPageCountRoundsUp) {

@@ -1,0 +1,102 @@
+#include "backend/grant_pages.h"
+
+#include <algorithm>
+
+namespace cowtap::backend {
+
+GrantPages::GrantPages(xen::GrantTable& table, xen::DomId domid, bool persistent, size_t max_entries,
+                       std::atomic<size_t>* mapped_pages)
+    : table_(table),
+      domid_(domid),
+      persistent_(persistent && max_entries > 0),
+      max_entries_(max_entries),
+      mapped_pages_(mapped_pages) {}
+
+Result<std::shared_ptr<xen::GrantMapping>> GrantPages::MapBatch(std::span<const xen::GrantRef> refs,
+                                                                bool writable) {
+  ++map_calls_;
+  COWTAP_ASSIGN_OR_RETURN(std::unique_ptr<xen::GrantMapping> mapping, table_.Map(domid_, refs, writable));
+  const size_t pages = mapping->pages();
+  std::atomic<size_t>* counter = mapped_pages_;
+  if (counter) counter->fetch_add(pages, std::memory_order_relaxed);
+  return std::shared_ptr<xen::GrantMapping>(mapping.release(), [counter, pages](xen::GrantMapping* m) {
+    delete m;
+    if (counter) counter->fetch_sub(pages, std::memory_order_relaxed);
+  });
+}
+
+Status GrantPages::Map(std::span<const xen::GrantRef> refs, bool writable, std::vector<PageRef>* out) {
+  out->clear();
+  out->resize(refs.size());
+  if (refs.empty()) return Status::Ok();
+
+  // Refs to map now, in request order (duplicates mapped once when
+  // persistent, since they are cached after the first).
+  std::vector<size_t> missing;
+  if (persistent_) {
+    for (size_t i = 0; i < refs.size(); ++i) {
+      auto it = index_.find(refs[i]);
+      if (it != index_.end()) {
+        lru_.splice(lru_.begin(), lru_, it->second);
+        (*out)[i] = it->second->second;
+        ++hits_;
+      } else {
+        missing.push_back(i);
+      }
+    }
+  } else {
+    missing.resize(refs.size());
+    for (size_t i = 0; i < refs.size(); ++i) missing[i] = i;
+  }
+  if (missing.empty()) return Status::Ok();
+
+  std::vector<xen::GrantRef> batch;
+  std::vector<size_t> batch_slots;  // out index for each batch entry
+  std::unordered_map<xen::GrantRef, size_t> first_in_batch;
+  for (size_t i : missing) {
+    if (persistent_) {
+      auto [it, inserted] = first_in_batch.emplace(refs[i], batch.size());
+      if (!inserted) continue;  // same ref twice in one request
+    }
+    batch.push_back(refs[i]);
+    batch_slots.push_back(i);
+  }
+  const bool map_writable = persistent_ || writable;
+  std::vector<PageRef> mapped(batch.size());
+  for (size_t start = 0; start < batch.size(); start += xen::GrantTable::kMaxMapBatch) {
+    const size_t n = std::min(batch.size() - start, xen::GrantTable::kMaxMapBatch);
+    auto mapping = MapBatch(std::span(batch).subspan(start, n), map_writable);
+    if (!mapping.ok()) {
+      out->clear();  // drops whatever this call mapped
+      return mapping.status();
+    }
+    for (size_t k = 0; k < n; ++k) mapped[start + k] = PageRef{*mapping, k};
+  }
+  for (size_t b = 0; b < batch.size(); ++b) {
+    (*out)[batch_slots[b]] = mapped[b];
+    if (persistent_) Insert(batch[b], mapped[b]);
+  }
+  if (persistent_) {
+    for (size_t i : missing) {
+      if (!(*out)[i].mapping) (*out)[i] = mapped[first_in_batch[refs[i]]];
+    }
+  }
+  return Status::Ok();
+}
+
+void GrantPages::Insert(xen::GrantRef ref, PageRef page) {
+  lru_.emplace_front(ref, std::move(page));
+  index_[ref] = lru_.begin();
+  while (lru_.size() > max_entries_) {
+    index_.erase(lru_.back().first);
+    lru_.pop_back();
+    ++evictions_;
+  }
+}
+
+void GrantPages::Clear() {
+  index_.clear();
+  lru_.clear();
+}
+
+}  // namespace cowtap::backend
