@@ -4,6 +4,7 @@
 #include <poll.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -248,15 +249,29 @@ Result<size_t> BlkFront::Poll(std::vector<BlkCompletion>* out, int timeout_ms) {
     return Status::Cancelled(fmt::format("blkfront {}: backend {} left Connected with {} request(s) in flight",
                                          frontend_path_, device_.backend_path, InFlight()));
   }
-  pollfd pfds[2] = {{evtchn_->fd(), POLLIN, 0}, {store_->fd(), POLLIN, 0}};
-  if (poll(pfds, 2, timeout_ms) < 0 && errno != EINTR) return Status::FromErrno(errno, "poll on blkfront fds");
-  while (true) {
-    COWTAP_ASSIGN_OR_RETURN(std::optional<EvtchnPort> port, evtchn_->Pending());
-    if (!port) break;
-    COWTAP_RETURN_IF_ERROR(evtchn_->Unmask(*port));
+  // Wait for an event; a wakeup may bring nothing new (its responses were
+  // drained already), so keep waiting until something completes or time is up.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (n == 0) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) break;
+    pollfd pfds[2] = {{evtchn_->fd(), POLLIN, 0}, {store_->fd(), POLLIN, 0}};
+    if (poll(pfds, 2, static_cast<int>(left)) < 0 && errno != EINTR) {
+      return Status::FromErrno(errno, "poll on blkfront fds");
+    }
+    while (true) {
+      COWTAP_ASSIGN_OR_RETURN(std::optional<EvtchnPort> port, evtchn_->Pending());
+      if (!port) break;
+      COWTAP_RETURN_IF_ERROR(evtchn_->Unmask(*port));
+    }
+    COWTAP_RETURN_IF_ERROR(HandleXenstoreEvents());
+    for (Queue& q : queues_) COWTAP_RETURN_IF_ERROR(Drain(q, out, &n));
+    if (n == 0 && backend_gone_) {
+      return Status::Cancelled(fmt::format("blkfront {}: backend {} left Connected with {} request(s) in flight",
+                                           frontend_path_, device_.backend_path, InFlight()));
+    }
   }
-  COWTAP_RETURN_IF_ERROR(HandleXenstoreEvents());
-  for (Queue& q : queues_) COWTAP_RETURN_IF_ERROR(Drain(q, out, &n));
   return n;
 }
 
