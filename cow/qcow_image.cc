@@ -199,13 +199,11 @@ Result<std::vector<Extent>> QcowImage::Map(uint64_t offset, uint64_t length) {
         }
       }
       if (from_backing < n) {
-        // Past the end of the chain: zeros, reported at the depth where the
-        // chain ended.
+        // Past the end of the backing file (or with none): a hole of this
+        // layer that reads as zeros; qemu-img map reports it at depth 0.
         e.offset = guest + from_backing;
         e.length = n - from_backing;
         e.zero = true;
-        e.depth = backing_ ? 1 : 0;
-        if (backing_) e.file = backing_->info().path;
         AppendExtent(&out, std::move(e));
       }
     }
