@@ -28,6 +28,12 @@ struct WriteCase {
   cow::CreateOptions create;  // format, size and qcow2 knobs of the image under test
   Backing backing = Backing::kNone;
   bool with_snapshot = false;  // QEMU creates the image and an internal snapshot first
+  // QEMU creates the image some other way first (both twins start as byte
+  // copies): "compressed" (qemu-img convert -c, so writes hit compressed
+  // clusters), "dirty" (lazy refcounts, qemu-io aborted: refcounts must be
+  // rebuilt on the read-write open).
+  std::string start_from;
+  bool data_file = false;  // external data file (data_file_raw per create)
 };
 
 std::string FormatOf(const WriteCase& c) { return std::string(cow::FormatName(c.create.format)); }
@@ -40,6 +46,7 @@ std::string QemuCreateOptions(const cow::CreateOptions& o) {
   if (o.qcow2_version == 3) s += ",refcount_bits=" + std::to_string(o.refcount_bits);
   if (o.lazy_refcounts) s += ",lazy_refcounts=on";
   if (o.extended_l2) s += ",extended_l2=on";
+  if (o.compression_type != "zlib") s += ",compression_type=" + o.compression_type;
   return s;
 }
 
@@ -87,6 +94,32 @@ std::vector<WriteCase> AllCases() {
   cases.push_back(Qcow2Case(2, 65536, 16, false, false, Backing::kNone, true));
   cases.push_back(Qcow2Case(3, 4096, 16, false, false, Backing::kRaw, true));
   cases.push_back(Qcow2Case(3, 65536, 16, false, true, Backing::kNone, true));
+  for (std::string type : {"zlib", "zstd"}) {
+    WriteCase c = Qcow2Case(3, 65536, 16, false, false, Backing::kNone);
+    c.create.compression_type = type;
+    c.start_from = "compressed";
+    c.name = "compressed_" + type + "_cluster65536";
+    cases.push_back(c);
+  }
+  {
+    WriteCase c = Qcow2Case(3, 4096, 16, false, false, Backing::kNone);
+    c.start_from = "compressed";
+    c.name = "compressed_zlib_cluster4096";
+    cases.push_back(c);
+  }
+  for (Backing backing : {Backing::kNone, Backing::kRaw}) {
+    WriteCase c = Qcow2Case(3, 65536, 16, true, false, backing);
+    c.start_from = "dirty";
+    c.name += "_dirty_from_qemu_abort";
+    cases.push_back(c);
+  }
+  for (bool raw : {false, true}) {
+    WriteCase c = Qcow2Case(3, 65536, 16, false, false, Backing::kNone);
+    c.data_file = true;
+    c.create.data_file_raw = raw;
+    c.name = raw ? "data_file_raw_on" : "data_file_raw_off";
+    cases.push_back(c);
+  }
   for (Backing backing : {Backing::kNone, Backing::kRaw}) {
     WriteCase c;
     c.create.format = cow::ImageFormat::kQcow;
@@ -194,26 +227,46 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
   if (!backing.empty()) qemu_create.insert(qemu_create.end(), {"-b", backing, "-F", backing_format});
 
   std::string snapshot_before;
-  if (c.with_snapshot) {
-    // QEMU makes the image and a snapshot; both twins start as byte copies.
-    std::vector<std::string> argv = qemu_create;
-    argv.insert(argv.end(), {img, std::to_string(c.create.size_bytes)});
-    ASSERT_TRUE(Run(argv));
-    ASSERT_TRUE(Fill(img, fmt, 20, c.create.size_bytes));
-    ASSERT_TRUE(Run({"qemu-img", "snapshot", "-c", "snap1", img}));
-    ASSERT_TRUE(Fill(img, fmt, 21, c.create.size_bytes));
+  if (c.with_snapshot || !c.start_from.empty()) {
+    // QEMU makes the image; both twins start as byte copies of it.
+    if (c.start_from == "compressed") {
+      ASSERT_TRUE(Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("src.raw"),
+                       std::to_string(c.create.size_bytes)}));
+      ASSERT_TRUE(Fill(dir.File("src.raw"), "raw", 22, c.create.size_bytes));
+      ASSERT_TRUE(Run({"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", qopts, dir.File("src.raw"), img}));
+    } else {
+      std::vector<std::string> argv = qemu_create;
+      argv.insert(argv.end(), {img, std::to_string(c.create.size_bytes)});
+      ASSERT_TRUE(Run(argv));
+      ASSERT_TRUE(Fill(img, fmt, 20, c.create.size_bytes));
+    }
+    if (c.start_from == "dirty") {
+      ASSERT_TRUE(Run({"qemu-io", "-f", fmt, img, "-c", "write -q -P 0x77 100000 300000", "-c", "flush", "-c", "abort"},
+                      {134}));
+    }
+    if (c.with_snapshot) {
+      ASSERT_TRUE(Run({"qemu-img", "snapshot", "-c", "snap1", img}));
+      ASSERT_TRUE(Fill(img, fmt, 21, c.create.size_bytes));
+      ASSERT_TRUE(Run({"qemu-img", "convert", "-l", "snapshot.name=snap1", "-f", fmt, "-O", "raw", img,
+                       dir.File("snap_before.raw")}));
+    }
     auto bytes = ReadWholeFile(img);
     ASSERT_TRUE(bytes.ok()) << bytes.status().ToString();
     ASSERT_TRUE(WriteWholeFile(twin, *bytes).ok());
-    ASSERT_TRUE(Run({"qemu-img", "convert", "-l", "snapshot.name=snap1", "-f", fmt, "-O", "raw", img,
-                     dir.File("snap_before.raw")}));
   } else {
     cow::CreateOptions create = c.create;
     create.backing_file = backing;
     if (!backing_format.empty()) create.backing_format = cow::ParseFormatName(backing_format);
+    std::vector<std::string> argv = qemu_create;
+    if (c.data_file) {
+      // Absolute names: QEMU resolves a relative data file name against its
+      // working directory.
+      create.data_file = dir.File("cowtap.data");
+      argv.insert(argv.end(), {"-o", "data_file=" + dir.File("twin.data") +
+                                         (c.create.data_file_raw ? ",data_file_raw=on" : "")});
+    }
     Status s = cow::CreateImage(img, create);
     ASSERT_TRUE(s.ok()) << "cowtap CreateImage " << img << ": " << s.ToString();
-    std::vector<std::string> argv = qemu_create;
     argv.insert(argv.end(), {twin, std::to_string(c.create.size_bytes)});
     ASSERT_TRUE(Run(argv));
   }
@@ -271,6 +324,15 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
   ASSERT_TRUE(actual.ok()) << actual.status().ToString();
   std::string diff = DescribeDifference(*expected, *actual);
   EXPECT_TRUE(diff.empty()) << "cowtap reading its own image differs from the qemu-io twin: " << diff;
+
+  // With data_file_raw the data file alone is a valid raw image of the disk.
+  if (c.data_file && c.create.data_file_raw) {
+    auto raw = ReadWholeFile(dir.File("cowtap.data"));
+    ASSERT_TRUE(raw.ok()) << raw.status().ToString();
+    raw->resize(expected->size(), 0);
+    std::string rdiff = DescribeDifference(*expected, *raw);
+    EXPECT_TRUE(rdiff.empty()) << "with data_file_raw=on the data file differs from the guest view: " << rdiff;
+  }
 
   // The snapshot still holds what it held.
   if (c.with_snapshot) {
