@@ -1,0 +1,313 @@
+// Vbd over the sim hypervisor: the xenbus handshake with the sim BlkFront
+// (a xen-blkfront-like guest), teardown, reconnect, guest death, resize,
+// and a crude frontend that writes malformed keys.
+#include "backend/vbd.h"
+
+#include <unistd.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "backend/mem_block_device.h"
+#include "xen-glue/blkfront.h"
+#include "xen-glue/sim.h"
+
+namespace cowtap::backend {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr xen::DomId kGuest = 4;
+constexpr uint32_t kDevid = 51712;
+
+std::string SocketPath() {
+  std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+  for (char& c : name) {
+    if (c == '/') c = '_';
+  }
+  return "/tmp/cowtap-vbd-" + std::to_string(getpid()) + "-" + name + ".sock";
+}
+
+class VbdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto hv = xen::SimHypervisor::Start(SocketPath());
+    ASSERT_TRUE(hv.ok()) << hv.status().ToString();
+    hv_ = std::move(hv).value();
+    platform_ = hv_->NewPlatform();
+    xs_ = std::move(platform_->OpenXenStore()).value();
+    auto guest = xen::SimGuest::Connect(hv_->socket_path(), {.domid = kGuest, .ram_pages = 4096, .grant_entries = 8192});
+    ASSERT_TRUE(guest.ok()) << guest.status().ToString();
+    guest_ = std::move(guest).value();
+    device_ = std::make_shared<MemBlockDevice>(MemBlockDeviceOptions{.size_bytes = 8 << 20});
+  }
+  void TearDown() override {
+    front_.reset();
+    vbd_.reset();
+    guest_.reset();
+    xs_.reset();
+    platform_.reset();
+    hv_.reset();
+  }
+
+  void AddVbd(bool writable = true, std::string device_type = "disk") {
+    xen::SimVbdConfig cfg;
+    cfg.frontend_domid = kGuest;
+    cfg.devid = kDevid;
+    cfg.params = "mem";
+    cfg.writable = writable;
+    cfg.device_type = device_type;
+    ASSERT_TRUE(xen::ToolstackAddVbd(*xs_, cfg).ok());
+  }
+
+  void AttachVbd(VbdOptions options = {}) {
+    options.frontend_domid = kGuest;
+    options.devid = kDevid;
+    auto vbd = Vbd::Attach(*platform_, options, device_);
+    ASSERT_TRUE(vbd.ok()) << vbd.status().ToString();
+    vbd_ = std::move(vbd).value();
+  }
+
+  void AttachFront(xen::BlkfrontOptions options = {}) {
+    options.handshake_timeout_ms = 5000;
+    auto front = xen::BlkFront::Attach(*guest_, kDevid, options);
+    ASSERT_TRUE(front.ok()) << front.status().ToString();
+    front_ = std::move(front).value();
+  }
+
+  std::string Be(const std::string& key) {
+    auto v = xs_->Read(xen::XsJoin(xen::XsBackendDir(xen::kDom0, "vbd", kGuest, kDevid), key));
+    return v.ok() ? *v : "<absent>";
+  }
+  std::string FeDir() { return xen::XsFrontendDir(kGuest, "vbd", kDevid); }
+
+  bool WaitFor(const std::function<bool()>& cond, std::chrono::milliseconds timeout = 5s) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (cond()) return true;
+      std::this_thread::sleep_for(5ms);
+    }
+    return cond();
+  }
+
+  int16_t Io(xen::BlkOp op, uint64_t sector, uint32_t n, uint8_t* buf) {
+    auto r = xen::ExecuteSync(*front_, {.op = op, .sector = sector, .nr_sectors = n, .buffer = buf});
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    return r.ok() ? *r : -99;
+  }
+
+  std::unique_ptr<xen::SimHypervisor> hv_;
+  std::unique_ptr<xen::XenPlatform> platform_;
+  std::unique_ptr<xen::XenStore> xs_;
+  std::unique_ptr<xen::SimGuest> guest_;
+  std::shared_ptr<MemBlockDevice> device_;
+  std::unique_ptr<Vbd> vbd_;
+  std::unique_ptr<xen::BlkFront> front_;
+};
+
+TEST_F(VbdTest, PublishesFeaturesAndWaitsInInitWait) {
+  AddVbd();
+  AttachVbd();
+  EXPECT_EQ(Be("state"), "2");
+  EXPECT_EQ(Be("feature-flush-cache"), "1");
+  EXPECT_EQ(Be("feature-barrier"), "1");
+  EXPECT_EQ(Be("feature-discard"), "1");
+  EXPECT_EQ(Be("discard-granularity"), "512");
+  EXPECT_EQ(Be("discard-alignment"), "0");
+  EXPECT_EQ(Be("discard-secure"), "0");
+  EXPECT_EQ(Be("feature-persistent"), "1");
+  EXPECT_EQ(Be("feature-max-indirect-segments"), "256");
+  EXPECT_EQ(Be("max-ring-page-order"), "4");
+  EXPECT_EQ(Be("max-ring-pages"), "16");
+  EXPECT_EQ(Be("multi-queue-max-queues"), "4");
+  EXPECT_EQ(vbd_->state(), XenbusState::kInitWait);
+}
+
+TEST_F(VbdTest, AttachFailsWithoutBackendDirectory) {
+  auto vbd = Vbd::Attach(*platform_, {.frontend_domid = kGuest, .devid = kDevid}, device_);
+  ASSERT_FALSE(vbd.ok());
+  EXPECT_THAT(vbd.status().message(), ::testing::HasSubstr("frontend"));
+}
+
+TEST_F(VbdTest, HandshakeConnectsAndServesData) {
+  AddVbd();
+  AttachVbd();
+  AttachFront();
+  EXPECT_EQ(Be("state"), "4");
+  EXPECT_EQ(Be("sectors"), std::to_string((8 << 20) / 512));
+  EXPECT_EQ(Be("info"), "0");
+  EXPECT_EQ(Be("sector-size"), "512");
+  EXPECT_EQ(Be("physical-sector-size"), "512");
+  const auto& d = front_->device();
+  EXPECT_EQ(d.sectors, (8u << 20) / 512);
+  EXPECT_EQ(d.num_queues, 4u);
+  EXPECT_EQ(d.ring_page_order, 4u);
+  EXPECT_TRUE(d.persistent);
+  EXPECT_EQ(d.indirect_segments, 256u);
+  EXPECT_TRUE(d.flush && d.barrier && d.discard);
+
+  std::vector<uint8_t> out(64 * 1024), in(64 * 1024);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<uint8_t>(i * 7 + 3);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 100, 128, out.data()), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kFlush, 0, 0, nullptr), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 100, 128, in.data()), 0);
+  EXPECT_EQ(in, out);
+  auto durable = device_->DurableContents();
+  EXPECT_TRUE(std::equal(out.begin(), out.end(), durable.begin() + 100 * 512));
+  EXPECT_EQ(Io(xen::BlkOp::kDiscard, 100, 8, nullptr), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 100, 8, in.data()), 0);
+  EXPECT_EQ(in[0], 0);
+  VbdStats s = vbd_->stats();
+  EXPECT_EQ(s.queues, 4u);
+  EXPECT_GE(s.writes, 1u);
+  EXPECT_GE(s.reads, 2u);
+  EXPECT_EQ(s.errors, 0u);
+}
+
+TEST_F(VbdTest, X86_32SinglePageLegacyFrontend) {
+  AddVbd();
+  AttachVbd();
+  AttachFront({.abi = xen::BlkifAbi::kX86_32, .max_ring_page_order = 0, .max_queues = 1,
+               .persistent_grants = false, .max_indirect_segments = 0});
+  EXPECT_EQ(front_->device().ring_page_order, 0u);
+  std::vector<uint8_t> out(4096, 0x3c), in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 8, 8, out.data()), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 8, 8, in.data()), 0);
+  EXPECT_EQ(in, out);
+}
+
+TEST_F(VbdTest, ReadOnlyModeAdvertisesAndRefusesWrites) {
+  AddVbd(/*writable=*/false);
+  AttachVbd();
+  AttachFront();
+  EXPECT_EQ(Be("info"), "4");
+  EXPECT_EQ(Be("feature-discard"), "0");
+  EXPECT_TRUE(front_->device().read_only);
+}
+
+TEST_F(VbdTest, CdromIsReadOnlyAndFlagged) {
+  AddVbd(/*writable=*/true, "cdrom");
+  AttachVbd();
+  AttachFront();
+  EXPECT_EQ(Be("info"), "5");
+}
+
+TEST_F(VbdTest, CloseReleasesEverythingAndReconnectServesAgain) {
+  AddVbd();
+  AttachVbd();
+  AttachFront();
+  std::vector<uint8_t> buf(4096, 0x11);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
+  EXPECT_GT(hv_->MappedGrantCount(kGuest), 0u);
+  ASSERT_TRUE(front_->Disconnect().ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosed; }));
+  EXPECT_EQ(Be("state"), "6");
+  EXPECT_EQ(hv_->MappedGrantCount(kGuest), 0u);
+  EXPECT_EQ(front_->leaked_grants(), 0u);
+
+  ASSERT_TRUE(front_->Reconnect().ok());
+  EXPECT_EQ(vbd_->state(), XenbusState::kConnected);
+  std::vector<uint8_t> in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
+  EXPECT_EQ(in, buf);
+}
+
+TEST_F(VbdTest, GuestDeathTearsDown) {
+  AddVbd();
+  AttachVbd();
+  AttachFront();
+  std::vector<uint8_t> buf(4096, 0x22);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
+  ASSERT_TRUE(hv_->DestroyDomain(kGuest).ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosed; }));
+  EXPECT_EQ(hv_->MappedGrantCount(kGuest), 0u);
+  EXPECT_EQ(vbd_->stats().queues, 0u);
+}
+
+TEST_F(VbdTest, ResizeWhileConnectedUpdatesSectors) {
+  AddVbd();
+  AttachVbd();
+  AttachFront();
+  device_->Resize(16 << 20);
+  vbd_->Resize();
+  EXPECT_TRUE(WaitFor([&] { return Be("sectors") == std::to_string((16 << 20) / 512); }));
+  auto sectors = front_->RefreshSectors();
+  ASSERT_TRUE(sectors.ok());
+  EXPECT_EQ(*sectors, (16u << 20) / 512);
+  std::vector<uint8_t> buf(4096, 0x44);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, (12 << 20) / 512, 8, buf.data()), 0) << "beyond the old end";
+}
+
+// A crude frontend: writes its keys by hand through the guest's xenstore.
+class CrudeFrontendTest : public VbdTest {
+ protected:
+  void Publish(const std::vector<std::pair<std::string, std::string>>& keys) {
+    auto store = std::move(guest_->OpenXenStore()).value();
+    for (const auto& [k, v] : keys) ASSERT_TRUE(store->Write(xen::XsJoin(FeDir(), k), v).ok()) << k;
+    ASSERT_TRUE(store->Write(xen::XsJoin(FeDir(), "state"), "3").ok());
+  }
+  void ExpectClosingWith(const std::string& text) {
+    EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosing; }));
+    EXPECT_EQ(Be("state"), "5");
+    EXPECT_THAT(Be("error"), ::testing::HasSubstr(text));
+    EXPECT_THAT(vbd_->last_error(), ::testing::HasSubstr(text));
+    EXPECT_EQ(hv_->MappedGrantCount(kGuest), 0u);
+  }
+};
+
+TEST_F(CrudeFrontendTest, NonNumericRingRefClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"ring-ref", "12abc"}, {"event-channel", "5"}});
+  ExpectClosingWith("ring-ref");
+}
+
+TEST_F(CrudeFrontendTest, MissingEventChannelClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"ring-ref", "8"}});
+  ExpectClosingWith("event-channel");
+}
+
+TEST_F(CrudeFrontendTest, RingOrderAboveOfferClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"ring-page-order", "5"}, {"ring-ref0", "8"}, {"event-channel", "5"}});
+  ExpectClosingWith("ring-page-order");
+}
+
+TEST_F(CrudeFrontendTest, TooManyQueuesClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"multi-queue-num-queues", "5"}});
+  ExpectClosingWith("multi-queue-num-queues");
+}
+
+TEST_F(CrudeFrontendTest, UnknownProtocolClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"protocol", "arm-abi"}, {"ring-ref", "8"}, {"event-channel", "5"}});
+  ExpectClosingWith("arm-abi");
+}
+
+TEST_F(CrudeFrontendTest, UngrantedRingRefClosesTheVbd) {
+  AddVbd();
+  AttachVbd();
+  Publish({{"ring-ref", "4000"}, {"event-channel", "5"}});
+  ExpectClosingWith("queue 0");
+}
+
+TEST_F(CrudeFrontendTest, GarbageStateIsAnErrorNotACrash) {
+  AddVbd();
+  AttachVbd();
+  auto store = std::move(guest_->OpenXenStore()).value();
+  ASSERT_TRUE(store->Write(xen::XsJoin(FeDir(), "state"), "-1").ok());
+  ExpectClosingWith("state");
+}
+
+}  // namespace
+}  // namespace cowtap::backend
