@@ -63,12 +63,15 @@ class SimHypervisor {
   // starts the serving thread. The xenstore starts with /local/domain/0.
   static Result<std::unique_ptr<SimHypervisor>> Start(const std::string& socket_path);
   // Stops serving; connected guests see their socket close (their calls
-  // fail). REQUIRES: no platform object made by NewPlatform outlives it.
+  // fail) and are dead. Platforms made by NewPlatform stay usable (they
+  // share the machine state) but see every guest dead.
   virtual ~SimHypervisor() = default;
 
   virtual const std::string& socket_path() const = 0;
   // A platform for code running as `domid` in this process (the backend:
-  // dom0). Its GrantTable maps pages granted to `domid`.
+  // dom0). Its GrantTable maps pages granted to `domid`. Only dom0 is
+  // always alive: for another domid, event-channel binds fail unless a
+  // guest with that domid is connected.
   virtual std::unique_ptr<XenPlatform> NewPlatform(DomId domid = kDom0) = 0;
 
   virtual bool DomainAlive(DomId domid) = 0;

@@ -133,6 +133,46 @@ TEST(SimProcessTest, GuestProcessSharesPagesAndEventsThenDiesBySigkill) {
   EXPECT_TRUE((*xs)->Remove("/local/domain/7").ok());
 }
 
+TEST(SimProcessTest, GuestDyingAbruptlyWithPagesMappedLeavesBackendIntact) {
+  std::string socket_path = "/tmp/cowtap-simproc-die-" + std::to_string(getpid()) + ".sock";
+  auto hv = SimHypervisor::Start(socket_path);
+  ASSERT_TRUE(hv.ok());
+  auto platform = (*hv)->NewPlatform();
+  auto xs = platform->OpenXenStore();
+  auto gt = platform->OpenGrantTable();
+  ASSERT_TRUE(xs.ok() && gt.ok());
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto guest = SimGuest::Connect(socket_path, {.domid = 8, .ram_pages = 8, .grant_entries = 16});
+    if (!guest.ok()) _exit(10);
+    auto gxs = (*guest)->OpenXenStore();
+    uint32_t page = *(*guest)->AllocPage();
+    std::memset((*guest)->Page(page), 0x3C, kPageSize);
+    auto ref = (*guest)->GrantAccess(page, kDom0, false);
+    if (!gxs.ok() || !ref.ok()) _exit(11);
+    if (!(*gxs)->Write("/local/domain/8/ref", std::to_string(*ref)).ok()) _exit(12);
+    // Die as soon as the backend says it has the page mapped.
+    if (!WaitForKey(**gxs, "/local/domain/8/mapped").ok()) _exit(13);
+    (*guest)->DieAbruptly();
+  }
+  auto ref_text = WaitForKey(**xs, "/local/domain/8/ref");
+  ASSERT_TRUE(ref_text.ok());
+  GrantRef refs[] = {static_cast<GrantRef>(std::stoul(*ref_text))};
+  auto mapping = (*gt)->Map(8, refs, true);
+  ASSERT_TRUE(mapping.ok()) << mapping.status().ToString();
+  ASSERT_TRUE((*xs)->Write("/local/domain/8/mapped", "1").ok());
+  int wstatus = 0;
+  ASSERT_EQ(waitpid(pid, &wstatus, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+  for (int i = 0; i < 400 && platform->DomainAlive(8); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_FALSE(platform->DomainAlive(8));
+  for (size_t i = 0; i < kPageSize; ++i) ASSERT_EQ((*mapping)->addr()[i], 0x3C);
+  std::memset((*mapping)->addr(), 0, kPageSize);  // still writable memory
+  mapping->reset();
+  EXPECT_EQ((*hv)->MappedGrantCount(8), 0u);
+}
+
 TEST(SimProcessTest, GarbageFromAGuestSocketIsRefusedAndServiceContinues) {
   std::string socket_path = "/tmp/cowtap-simproc-garbage-" + std::to_string(getpid()) + ".sock";
   auto hv = SimHypervisor::Start(socket_path);

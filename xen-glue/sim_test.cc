@@ -8,6 +8,7 @@
 #include <unistd.h>
 #include <xen/grant_table.h>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -240,6 +241,58 @@ TEST_F(SimTest, EventChannelNotifiesBothWaysWithMasking) {
   EXPECT_EQ(be.Notify(*port_b).code(), ErrorCode::kInvalidArgument);
   auto rebound = be.BindInterdomain(5, *port_g);  // the guest's port is unbound again
   EXPECT_TRUE(rebound.ok()) << rebound.status().ToString();
+}
+
+TEST_F(SimTest, NotificationSpamCoalescesIntoOneEvent) {
+  auto ge = guest_->OpenEventChannel();
+  auto be = platform_->OpenEventChannel();
+  ASSERT_TRUE(ge.ok() && be.ok());
+  auto port_g = (*ge)->BindUnbound(kDom0);
+  auto port_b = (*be)->BindInterdomain(5, *port_g);
+  ASSERT_TRUE(port_b.ok());
+  for (int i = 0; i < 100000; ++i) ASSERT_TRUE((*ge)->Notify(*port_g).ok());
+  EXPECT_EQ(*(*be)->Pending(), std::optional<EvtchnPort>(*port_b));
+  ASSERT_TRUE((*be)->Unmask(*port_b).ok());
+  EXPECT_FALSE((*(*be)->Pending()).has_value());
+  EXPECT_FALSE(Readable((*be)->fd()));
+}
+
+TEST_F(SimTest, MapReadsEntryOnceWhileGuestFlipsIt) {
+  uint32_t good_page = *guest_->AllocPage();
+  uint32_t other_page = *guest_->AllocPage();
+  std::memset(guest_->Page(good_page), 0x42, kPageSize);
+  std::memset(guest_->Page(other_page), 0x99, kPageSize);
+  const GrantRef ref = 30;
+  std::atomic<bool> stop{false};
+  std::thread flipper([&] {
+    // A hostile guest flipping the entry between a valid grant, a grant to
+    // someone else, and a read-only grant of another page.
+    for (uint32_t i = 0; !stop.load(); ++i) {
+      switch (i % 3) {
+        case 0: guest_->WriteRawGrantEntry(ref, GTF_permit_access, kDom0, good_page).IgnoreError(); break;
+        case 1: guest_->WriteRawGrantEntry(ref, GTF_permit_access, 9, other_page).IgnoreError(); break;
+        case 2: guest_->WriteRawGrantEntry(ref, GTF_permit_access | GTF_readonly, kDom0, other_page).IgnoreError(); break;
+      }
+    }
+  });
+  GrantRef refs[] = {ref};
+  int mapped = 0;
+  for (int i = 0; i < 3000; ++i) {
+    auto m = gt_->Map(5, refs, true);
+    if (m.ok()) {
+      ++mapped;
+      // A writable map can only ever be of the valid grant's page.
+      EXPECT_EQ((*m)->page(0)[123], 0x42);
+    } else {
+      EXPECT_TRUE(m.status().code() == ErrorCode::kInvalidArgument || m.status().code() == ErrorCode::kReadOnly ||
+                  m.status().code() == ErrorCode::kBusy)
+          << m.status().ToString();
+    }
+  }
+  stop.store(true);
+  flipper.join();
+  EXPECT_EQ(hv_->MappedGrantCount(5), 0u);
+  RecordProperty("successful_maps", mapped);
 }
 
 TEST_F(SimTest, BindInterdomainRejectsPortsNotOfferedToUs) {
