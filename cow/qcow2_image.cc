@@ -203,19 +203,20 @@ Status Qcow2Image::PrepareFirstWrite() {
   return Status::Ok();
 }
 
-Result<uint64_t> Qcow2Image::AllocateClusters(uint64_t count) {
-  COWTAP_ASSIGN_OR_RETURN(uint64_t off, refcounts_->Allocate(count));
+Result<std::pair<uint64_t, uint64_t>> Qcow2Image::AllocateClusters(uint64_t max_count) {
+  COWTAP_ASSIGN_OR_RETURN(auto got, refcounts_->AllocateRun(max_count));
   refcount_flush_pending_ = true;
-  uint64_t end = off + count * cluster_size_;
+  uint64_t end = got.first + got.second * cluster_size_;
   if (end > prealloc_end_) {
     // Grow the file ahead of use in large steps; bytes stay reading as zeros.
-    uint64_t step = std::max<uint64_t>(kGrowStepBytes, end - prealloc_end_);
-    Status s = file_->Allocate(prealloc_end_, step, /*keep_size=*/true);
+    uint64_t from = std::max(prealloc_end_, got.first);
+    uint64_t step = std::max<uint64_t>(kGrowStepBytes, end - from);
+    Status s = file_->Allocate(from, step, /*keep_size=*/true);
     if (s.code() == ErrorCode::kNoSpace) return s;
-    prealloc_end_ = prealloc_end_ + step;
+    prealloc_end_ = from + step;
   }
   file_size_ = std::max(file_size_, end);
-  return off;
+  return got;
 }
 
 Status Qcow2Image::SatisfyRefcountDependency() {

@@ -86,13 +86,16 @@ class Qcow2Image final : public Image {
   Status ReadHost(uint64_t host_offset, IoVecs iov, const ClusterRef& ref);
   Status ReadCompressed(const ClusterRef& ref, uint64_t in_offset, IoVecs iov);
   Status WriteLocked(uint64_t offset, IoVecs iov);
-  Status WriteClusterRun(uint64_t offset, IoVecs iov, uint64_t clusters);
+  // Writes a prefix of iov (at least its first cluster) into newly
+  // allocated clusters; returns the bytes consumed.
+  Result<uint64_t> WriteClusterRun(uint64_t offset, IoVecs iov, uint64_t clusters);
   Status WriteExtended(uint64_t offset, IoVecs iov);
   Status ZeroLocked(uint64_t offset, uint64_t length, bool unmap, bool discard);
   Status MapLayer(uint64_t offset, uint64_t length, std::vector<Extent>* out);
 
   // --- metadata (qcow2_image.cc) ---
-  Result<uint64_t> AllocateClusters(uint64_t count);
+  // Allocates 1..max_count contiguous clusters: (byte offset, count).
+  Result<std::pair<uint64_t, uint64_t>> AllocateClusters(uint64_t max_count);
   Status SatisfyRefcountDependency();
   Status WriteL2Slice(uint64_t offset, std::span<const uint8_t> bytes);
   Status WriteL1Entry(uint64_t index);

@@ -94,7 +94,8 @@ Result<Qcow2Image::ClusterRef> Qcow2Image::LookupClusterForWrite(uint64_t vclust
     COWTAP_RETURN_IF_ERROR(l2_cache_->FlushDirty());
     COWTAP_RETURN_IF_ERROR(file_->ReadAt(old, table));
   }
-  COWTAP_ASSIGN_OR_RETURN(uint64_t off, AllocateClusters(1));
+  COWTAP_ASSIGN_OR_RETURN(auto alloc, AllocateClusters(1));
+  const uint64_t off = alloc.first;
   high_water_ = std::max(high_water_, off + cluster_size_);
   for (uint64_t s = 0; s < cluster_size_; s += l2_cache_->entry_bytes()) l2_cache_->Drop(off + s);
   COWTAP_RETURN_IF_ERROR(file_->WriteAt(off, table));
@@ -262,26 +263,16 @@ Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
       n += next;
       ++k;
     }
-    COWTAP_RETURN_IF_ERROR(WriteClusterRun(g, Slice(iov, pos, n), k));
-    pos += n;
+    COWTAP_ASSIGN_OR_RETURN(uint64_t done, WriteClusterRun(g, Slice(iov, pos, n), k));
+    pos += done;
   }
   return Status::Ok();
 }
 
-Status Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data, uint64_t k) {
-  const uint64_t len = TotalLength(data);
+Result<uint64_t> Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data_in, uint64_t k) {
   const uint64_t vc = g / cluster_size_;
   const uint64_t start = vc * cluster_size_;
-  const uint64_t end = g + len;
-  const uint64_t run_end = start + k * cluster_size_;
   const bool data_file = data_ != file_.get();
-  // Copy-on-write areas: what the guest sees there now.
-  std::vector<uint8_t> head(g - start), tail(run_end - end);
-  if (!head.empty()) COWTAP_RETURN_IF_ERROR(ReadLocked(start, std::vector<iovec>{MakeIoVec(head.data(), head.size())}));
-  if (!tail.empty()) {
-    uint64_t avail = end < info_.size_bytes ? std::min<uint64_t>(tail.size(), info_.size_bytes - end) : 0;
-    if (avail) COWTAP_RETURN_IF_ERROR(ReadLocked(end, std::vector<iovec>{MakeIoVec(tail.data(), avail)}));
-  }
   std::vector<ClusterRef> refs;
   for (uint64_t i = 0; i < k; ++i) {
     COWTAP_ASSIGN_OR_RETURN(ClusterRef r, LookupClusterForWrite(vc + i));
@@ -291,12 +282,26 @@ Status Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data, uint64_t k) {
   bool fresh = false;
   if (data_file) {
     host = start;
-  } else if (k == 1 && refs[0].type == Qcow2ClusterType::kZeroAlloc && (refs[0].entry.raw & kQcow2Copied)) {
+  } else if (refs[0].type == Qcow2ClusterType::kZeroAlloc && (refs[0].entry.raw & kQcow2Copied)) {
     host = refs[0].entry.raw & kQcow2OffsetMask;  // preallocated zero cluster: reuse it
+    k = 1;
   } else {
-    COWTAP_ASSIGN_OR_RETURN(host, AllocateClusters(k));
+    COWTAP_ASSIGN_OR_RETURN(auto got, AllocateClusters(k));
+    host = got.first;
+    k = got.second;
     fresh = IsFresh(host);
     high_water_ = std::max(high_water_, host + k * cluster_size_);
+  }
+  const uint64_t run_end = start + k * cluster_size_;
+  const uint64_t len = std::min<uint64_t>(TotalLength(data_in), run_end - g);
+  std::vector<iovec> data = Slice(data_in, 0, len);
+  const uint64_t end = g + len;
+  // Copy-on-write areas: what the guest sees there now.
+  std::vector<uint8_t> head(g - start), tail(run_end - end);
+  if (!head.empty()) COWTAP_RETURN_IF_ERROR(ReadLocked(start, std::vector<iovec>{MakeIoVec(head.data(), head.size())}));
+  if (!tail.empty()) {
+    uint64_t avail = end < info_.size_bytes ? std::min<uint64_t>(tail.size(), info_.size_bytes - end) : 0;
+    if (avail) COWTAP_RETURN_IF_ERROR(ReadLocked(end, std::vector<iovec>{MakeIoVec(tail.data(), avail)}));
   }
   // Skip zero COW areas on a cluster that already reads as zeros.
   const bool skip_head = fresh && AllZero(head), skip_tail = fresh && AllZero(tail);
@@ -320,7 +325,8 @@ Status Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data, uint64_t k) {
     }
     COWTAP_RETURN_IF_ERROR(SetL2Entry(r, (host + i * cluster_size_) | kQcow2Copied, 0));
   }
-  return FreeClusters(&to_free);
+  COWTAP_RETURN_IF_ERROR(FreeClusters(&to_free));
+  return len;
 }
 
 Status Qcow2Image::WriteExtended(uint64_t offset, IoVecs iov) {
@@ -365,7 +371,8 @@ Status Qcow2Image::WriteExtended(uint64_t offset, IoVecs iov) {
       if (data_file) {
         host = start;
       } else {
-        COWTAP_ASSIGN_OR_RETURN(host, AllocateClusters(1));
+        COWTAP_ASSIGN_OR_RETURN(auto got, AllocateClusters(1));
+        host = got.first;
         fresh = IsFresh(host);
         high_water_ = std::max(high_water_, host + cluster_size_);
       }

@@ -86,35 +86,47 @@ Status Qcow2Refcounts::Add(uint64_t cluster_index, int64_t delta) {
   return Set(cluster_index, next);
 }
 
-Result<uint64_t> Qcow2Refcounts::Allocate(uint64_t count) {
+Result<std::pair<uint64_t, uint64_t>> Qcow2Refcounts::AllocateRun(uint64_t max_count) {
   const uint64_t max_cluster = kQcow2MaxHostOffset >> geometry_.cluster_bits;
-  if (count == 0) return Status::Internal("Allocate(0)");
+  if (max_count == 0) return Status::Internal("AllocateRun(0)");
+  auto covered = [&](uint64_t c) {
+    uint64_t bi = c / block_entries_;
+    return bi < table_.size() && table_[bi] != 0;
+  };
   while (true) {
-    uint64_t start = std::max(free_hint_, floor_);
-    uint64_t c = start, run = 0;
-    while (run < count) {
-      if (c + run >= max_cluster)
-        return Status::NoSpace(path_ + ": no free cluster below 2^56 bytes (image is full)");
+    const uint64_t start = std::max(free_hint_, floor_);
+    uint64_t c = start;
+    while (true) {
+      if (c >= max_cluster) return Status::NoSpace(path_ + ": no free cluster below 2^56 bytes (image is full)");
+      COWTAP_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
+      if (rc == 0) break;
+      ++c;
+    }
+    if (!covered(c)) {
+      // The block takes cluster c itself (it describes its own range).
+      COWTAP_RETURN_IF_ERROR(EnsureBlock(c / block_entries_, c));
+      continue;
+    }
+    uint64_t run = 1;
+    // A run stops where refcount blocks are missing: new blocks would land
+    // inside it, so contiguity there is not worth the extra metadata writes.
+    while (run < max_count && c + run < max_cluster && covered(c + run)) {
       COWTAP_ASSIGN_OR_RETURN(uint64_t rc, Get(c + run));
-      if (rc != 0) {
-        c = c + run + 1;
-        run = 0;
-      } else {
-        ++run;
-      }
+      if (rc != 0) break;
+      ++run;
     }
-    bool changed = false;
-    for (uint64_t bi = c / block_entries_; bi <= (c + count - 1) / block_entries_; ++bi) {
-      if (bi >= table_.size() || table_[bi] == 0) {
-        COWTAP_RETURN_IF_ERROR(EnsureBlock(bi, std::max(c, bi * block_entries_)));
-        changed = true;
-      }
-    }
-    if (changed) continue;  // the new blocks took clusters: rescan
-    for (uint64_t i = 0; i < count; ++i) COWTAP_RETURN_IF_ERROR(Set(c + i, 1));
-    if (c == start && start == free_hint_) free_hint_ = c + count;
-    return c << geometry_.cluster_bits;
+    for (uint64_t i = 0; i < run; ++i) COWTAP_RETURN_IF_ERROR(Set(c + i, 1));
+    if (c == start && start == free_hint_) free_hint_ = c + run;
+    return std::make_pair(c << geometry_.cluster_bits, run);
   }
+}
+
+Result<uint64_t> Qcow2Refcounts::Allocate(uint64_t count) {
+  COWTAP_ASSIGN_OR_RETURN(auto got, AllocateRun(count));
+  if (got.second == count) return got.first;
+  const uint64_t first = got.first >> geometry_.cluster_bits;
+  for (uint64_t i = 0; i < got.second; ++i) COWTAP_RETURN_IF_ERROR(Set(first + i, 0));
+  return Status::Internal(path_ + ": no contiguous run of " + std::to_string(count) + " clusters; use AllocateRun");
 }
 
 Status Qcow2Refcounts::EnsureBlock(uint64_t block_index, uint64_t preferred_cluster) {

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/status.h"
@@ -46,8 +47,13 @@ class Qcow2Refcounts {
   Status Set(uint64_t cluster_index, uint64_t value);
   Status Add(uint64_t cluster_index, int64_t delta);
   // Allocates `count` contiguous free clusters (refcount 0 -> 1) and returns
-  // the byte offset of the first. Never returns clusters below the floor.
+  // the byte offset of the first; kInternal if no run that long was found
+  // (meant for count 1; use AllocateRun for data). Never returns clusters
+  // below the floor.
   Result<uint64_t> Allocate(uint64_t count);
+  // Allocates between 1 and max_count contiguous free clusters (refcount
+  // 0 -> 1); returns the byte offset of the first and how many.
+  Result<std::pair<uint64_t, uint64_t>> AllocateRun(uint64_t max_count);
   // Writes dirty refcount blocks (without flushing the file).
   Status FlushDirty() { return cache_.FlushDirty(); }
   bool HasDirty() const { return cache_.HasDirty(); }
