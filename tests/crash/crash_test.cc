@@ -39,6 +39,11 @@ struct CrashKind {
   cow::CreateOptions create;
   bool backing = false;  // over a raw backing file a little smaller than the image
   bool discards = true;
+  // "snapshot": QEMU makes the image with data and an internal snapshot, so
+  // writes copy shared clusters; "compressed": QEMU makes it with qemu-img
+  // convert -c, so writes replace compressed clusters. Empty: CreateImage.
+  std::string start_from;
+  bool data_file = false;  // external data file, power-cut together with the image
 };
 
 struct CrashCase {
@@ -81,6 +86,14 @@ std::vector<CrashKind> Kinds() {
   // discards in that workload.
   kinds.push_back(Qcow2Kind("v2_cluster4k_over_backing", 2, 4096, 4 * kMiB, 16, false, false, true));
   kinds.back().discards = false;
+  kinds.push_back(Qcow2Kind("v3_with_snapshot", 3, 65536, 4 * kMiB));
+  kinds.back().start_from = "snapshot";
+  kinds.push_back(Qcow2Kind("v3_cluster4k_with_snapshot", 3, 4096, 2 * kMiB));
+  kinds.back().start_from = "snapshot";
+  kinds.push_back(Qcow2Kind("v3_compressed", 3, 65536, 4 * kMiB));
+  kinds.back().start_from = "compressed";
+  kinds.push_back(Qcow2Kind("v3_data_file", 3, 65536, 4 * kMiB));
+  kinds.back().data_file = true;
   CrashKind v1;
   v1.name = "qcow1";
   v1.create.format = cow::ImageFormat::kQcow;
@@ -169,6 +182,10 @@ class CrashHarness {
       if (!h.ok()) return ::testing::AssertionFailure() << h.status().ToString();
       backing_hash_ = *h;
     }
+    if (!c_.kind.start_from.empty()) {
+      ::testing::AssertionResult made = MakeTemplate();
+      if (!made) return made;
+    }
     WorkloadOptions wo;
     wo.size_bytes = c_.kind.create.size_bytes;
     wo.cluster_bytes = c_.kind.create.format == cow::ImageFormat::kQcow ? 4096 : c_.kind.create.cluster_size;
@@ -182,20 +199,31 @@ class CrashHarness {
   // Runs the workload with the fail_write-th write to the image failing and
   // the power cut right after (fail_write 0: no fault; the run just counts
   // the writes into *writes). Returns problems found, empty if consistent.
-  std::string RunPoint(uint64_t fail_write, uint64_t* writes) {
+  // With on_data_file the fault hits the external data file's writes instead
+  // (and *writes counts those).
+  std::string RunPoint(uint64_t fail_write, uint64_t* writes, bool on_data_file = false) {
     std::remove(image_.c_str());
-    cow::CreateOptions create = c_.kind.create;
-    if (c_.kind.backing) {
-      create.backing_file = "base.raw";
-      create.backing_format = cow::ImageFormat::kRaw;
+    std::remove(data_.c_str());
+    if (!template_.empty()) {
+      Status s = WriteWholeFile(image_, template_);
+      if (!s.ok()) return "copying the template image: " + s.ToString();
+    } else {
+      cow::CreateOptions create = c_.kind.create;
+      if (c_.kind.backing) {
+        create.backing_file = "base.raw";
+        create.backing_format = cow::ImageFormat::kRaw;
+      }
+      if (c_.kind.data_file) create.data_file = data_;
+      Status s = cow::CreateImage(image_, create);
+      if (!s.ok()) return "CreateImage: " + s.ToString();
     }
-    Status s = cow::CreateImage(image_, create);
-    if (!s.ok()) return "CreateImage: " + s.ToString();
 
     cow::FaultInjectingFileSystem fs(cow::DefaultFileSystem());
     std::shared_ptr<cow::FaultController> controller = fs.Target(image_);
     controller->SetPowerLossMode(true);
-    if (fail_write) controller->AddFault(cow::Fault{cow::FaultOp::kWrite, cow::FaultTrigger::kNth, fail_write, EIO, 0});
+    if (c_.kind.data_file) fs.Target(data_)->SetPowerLossMode(true);
+    std::shared_ptr<cow::FaultController> faulty = on_data_file ? fs.Target(data_) : controller;
+    if (fail_write) faulty->AddFault(cow::Fault{cow::FaultOp::kWrite, cow::FaultTrigger::kNth, fail_write, EIO, 0});
     CrashModel model(before_);
     std::string where = "no crash";
     {
@@ -203,7 +231,7 @@ class CrashHarness {
       oo.fs = &fs;
       auto image = cow::OpenImage(image_, oo);
       if (!image.ok()) {
-        if (!controller->counters().faults_fired) return "OpenImage: " + image.status().ToString();
+        if (!faulty->counters().faults_fired) return "OpenImage: " + image.status().ToString();
         where = "during open";
       } else {
         for (size_t i = 0; i < ops_.size(); ++i) {
@@ -213,13 +241,13 @@ class CrashHarness {
             model.Done(ops_[i]);
             continue;
           }
-          if (!controller->counters().faults_fired)
+          if (!faulty->counters().faults_fired)
             return "op #" + std::to_string(i) + " (" + DescribeOp(ops_[i]) + ") failed with no fault: " + op.ToString();
           where = "in op #" + std::to_string(i) + " (" + DescribeOp(ops_[i]) + ")";
           break;
         }
       }
-      *writes = controller->counters().writes;
+      *writes = faulty->counters().writes;
       cow::CrashOptions co;
       co.survive_probability = c_.survive_probability;
       co.seed = fail_write * 7919 + 1;
@@ -227,9 +255,15 @@ class CrashHarness {
       // on a dead file instead of making anything durable.
       Status crashed = fs.Crash(image_, co);
       if (!crashed.ok()) return "Crash: " + crashed.ToString();
+      if (c_.kind.data_file) {
+        crashed = fs.Crash(data_, co);
+        if (!crashed.ok()) return "Crash of the data file: " + crashed.ToString();
+      }
     }
     std::string problems = Verify(model);
-    if (!problems.empty()) return "crash at write " + std::to_string(fail_write) + " " + where + ": " + problems;
+    if (!problems.empty())
+      return "crash at write " + std::to_string(fail_write) + (on_data_file ? " to the data file " : " ") + where +
+             ": " + problems;
     return "";
   }
 
@@ -270,6 +304,15 @@ class CrashHarness {
     if (c_.kind.backing) {
       auto h = HashFile(backing_);
       if (!h.ok() || *h != backing_hash_) return "the backing file was modified";
+    }
+    if (!snapshot_.empty()) {
+      cow::OpenOptions so;
+      so.read_only = true;
+      so.snapshot = "snap1";
+      auto snap = ReadImageWithCowtap(image_, so);
+      if (!snap.ok()) return "reading snapshot snap1: " + snap.status().ToString();
+      std::string sdiff = DescribeDifference(snapshot_, *snap);
+      if (!sdiff.empty()) return "snapshot snap1 changed: " + sdiff;
     }
     return AfterRecovery(*actual);
   }
@@ -313,9 +356,64 @@ class CrashHarness {
     return out;
   }
 
+  // Builds the starting image with QEMU, keeps its bytes, and records what
+  // the guest (and the snapshot) see in it.
+  ::testing::AssertionResult MakeTemplate() {
+    std::string missing = MissingQemuToolsReason();
+    if (!missing.empty()) return ::testing::AssertionFailure() << missing;
+    const std::string size = std::to_string(c_.kind.create.size_bytes);
+    const std::string opts = "cluster_size=" + std::to_string(c_.kind.create.cluster_size);
+    const std::string t = dir_.File("template.qcow2");
+    std::vector<std::vector<std::string>> steps;
+    std::vector<std::string> fill = {"qemu-io", "-f", "qcow2", t};
+    SeededRandom rng(SeedOf(c_.name) ^ 0xf111);
+    for (int i = 0; i < 25; ++i) {
+      uint64_t off = rng.Between(0, c_.kind.create.size_bytes - 1);
+      uint64_t len = std::min<uint64_t>(rng.Between(1, 200000), c_.kind.create.size_bytes - off);
+      fill.insert(fill.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " +
+                                         std::to_string(off) + " " + std::to_string(len)});
+    }
+    if (c_.kind.start_from == "compressed") {
+      const std::string src = dir_.File("template.raw");
+      std::vector<std::string> src_fill = fill;
+      src_fill[2] = "raw";
+      src_fill[3] = src;
+      steps = {{"qemu-img", "create", "-q", "-f", "raw", src, size}, src_fill,
+               {"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, src, t}};
+    } else {
+      // A write after the snapshot keeps the snapshot table from being the
+      // last thing in the file (that case is an interop test of its own).
+      steps = {{"qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, t, size}, fill,
+               {"qemu-img", "snapshot", "-c", "snap1", t},
+               {"qemu-io", "-f", "qcow2", t, "-c", "write -q -P 0x66 12345 70000"},
+               {"qemu-img", "convert", "-l", "snapshot.name=snap1", "-f", "qcow2", "-O", "raw", t,
+                dir_.File("snap1.raw")}};
+    }
+    steps.push_back({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", t, dir_.File("template_view.raw")});
+    for (const auto& argv : steps) {
+      CommandResult r = RunCommand(argv);
+      if (r.exit_code != 0)
+        return ::testing::AssertionFailure() << CommandLine(argv) << " exited " << r.exit_code << ":\n" << r.output;
+    }
+    auto bytes = ReadWholeFile(t);
+    auto view = ReadWholeFile(dir_.File("template_view.raw"));
+    if (!bytes.ok() || !view.ok()) return ::testing::AssertionFailure() << "reading the template back";
+    template_ = *bytes;
+    before_ = *view;
+    if (c_.kind.start_from == "snapshot") {
+      auto snap = ReadWholeFile(dir_.File("snap1.raw"));
+      if (!snap.ok()) return ::testing::AssertionFailure() << snap.status().ToString();
+      snapshot_ = *snap;
+    }
+    return ::testing::AssertionSuccess();
+  }
+
   const CrashCase& c_;
   const TempDir& dir_;
   const std::string image_;
+  const std::string data_ = dir_.File("image.data");
+  std::vector<uint8_t> template_;  // starting image bytes, when QEMU made it
+  std::vector<uint8_t> snapshot_;  // what snapshot snap1 holds, if any
   std::string backing_;
   uint64_t backing_hash_ = 0;
   std::vector<uint8_t> before_;
@@ -335,14 +433,24 @@ void RunSweep(const CrashCase& c) {
   }
   ASSERT_TRUE(dry.empty()) << "the workload fails with no crash at all: " << dry;
   ASSERT_GT(total_writes, 0u);
-  const uint64_t step = std::max<uint64_t>(1, total_writes / static_cast<uint64_t>(c.crash_points));
   uint64_t points = 0;
   std::vector<std::string> failures;
-  for (uint64_t w = step; w <= total_writes; w += step) {
-    uint64_t ignored = 0;
-    std::string problem = harness.RunPoint(w, &ignored);
-    ++points;
-    if (!problem.empty()) failures.push_back(c.name + ": " + problem);
+  auto sweep = [&](uint64_t writes, bool on_data_file) {
+    const uint64_t step = std::max<uint64_t>(1, writes / static_cast<uint64_t>(c.crash_points));
+    for (uint64_t w = step; w <= writes; w += step) {
+      uint64_t ignored = 0;
+      std::string problem = harness.RunPoint(w, &ignored, on_data_file);
+      ++points;
+      if (!problem.empty()) failures.push_back(c.name + ": " + problem);
+    }
+  };
+  sweep(total_writes, false);
+  if (c.kind.data_file) {
+    uint64_t data_writes = 0;
+    std::string dry_data = harness.RunPoint(0, &data_writes, true);
+    ASSERT_TRUE(dry_data.empty()) << dry_data;
+    sweep(data_writes, true);
+    total_writes += data_writes;
   }
   {
     Tally& t = GlobalTally();
@@ -350,9 +458,8 @@ void RunSweep(const CrashCase& c) {
     t.points += points;
     t.failures.insert(t.failures.end(), failures.begin(), failures.end());
   }
-  std::printf("%s: %llu writes, %llu crash points (every %llu), %zu inconsistent\n", c.name.c_str(),
-              static_cast<unsigned long long>(total_writes), static_cast<unsigned long long>(points),
-              static_cast<unsigned long long>(step), failures.size());
+  std::printf("%s: %llu writes, %llu crash points, %zu inconsistent\n", c.name.c_str(),
+              static_cast<unsigned long long>(total_writes), static_cast<unsigned long long>(points), failures.size());
   for (size_t i = 0; i < failures.size() && i < 5; ++i) ADD_FAILURE() << failures[i];
   EXPECT_TRUE(failures.empty()) << failures.size() << " of " << points << " crash points inconsistent";
 }
