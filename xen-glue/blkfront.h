@@ -106,6 +106,7 @@ class BlkFront : public BlockTarget {
   // backend asked) and spreads requests over queues round-robin.
   uint64_t sectors() const override { return device_.sectors; }
   uint32_t max_sectors_per_io() const override;
+  uint32_t max_sectors_per_barrier() const override { return kBlkifMaxDirectSegments * kBlkifSectorsPerPage; }
   bool Supports(BlkOp op) const override;
   Status Submit(const BlkIo& io) override;
   // Also handles backend xenstore changes: a new `sectors` value (resize) is

@@ -171,8 +171,7 @@ Status BlkFront::Submit(const BlkIo& io) {
   }
   if (BlkOpHasData(io.op)) {
     if (io.buffer == nullptr) return Status::InvalidArgument("data request without a buffer");
-    const uint32_t limit = io.op == BlkOp::kWriteBarrier ? kBlkifMaxDirectSegments * kBlkifSectorsPerPage
-                                                         : max_sectors_per_io();
+    const uint32_t limit = io.op == BlkOp::kWriteBarrier ? max_sectors_per_barrier() : max_sectors_per_io();
     if (io.nr_sectors > limit) {
       return Status::InvalidArgument(fmt::format("{} of {} sectors exceeds the {} a request may carry",
                                                  BlkOpName(io.op), io.nr_sectors, limit));

@@ -57,6 +57,9 @@ class BlockTarget {
   virtual uint64_t sectors() const = 0;
   // Largest nr_sectors one data request may carry.
   virtual uint32_t max_sectors_per_io() const = 0;
+  // Largest nr_sectors of a kWriteBarrier (blkif sends barriers without
+  // indirect descriptors, so they may be smaller than other requests).
+  virtual uint32_t max_sectors_per_barrier() const { return max_sectors_per_io(); }
   // Whether the device negotiated the operation (reads/writes always).
   virtual bool Supports(BlkOp op) const = 0;
   // Queues one request. kBusy when no slot is free now (Poll first);

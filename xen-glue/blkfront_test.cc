@@ -232,7 +232,9 @@ class BlkFrontTest : public ::testing::Test {
     guest_ = std::move(*guest);
   }
   void TearDown() override {
-    if (front_ && front_->connected()) EXPECT_TRUE(DisconnectBoth().ok());
+    if (front_ && front_->connected()) {
+      EXPECT_TRUE(DisconnectBoth().ok());
+    }
     front_.reset();
     backend_.reset();
     guest_.reset();

@@ -154,7 +154,7 @@ Status Workload::IssueNext() {
     writes_since_flush_ = 0;
     return Issue(BlkOp::kFlush, 0, 0);
   }
-  const uint32_t nr = options_.random_sizes ? 1 + NextRandom() % options_.block_sectors : options_.block_sectors;
+  uint32_t nr = options_.random_sizes ? 1 + NextRandom() % options_.block_sectors : options_.block_sectors;
   const uint32_t kind = NextRandom() % 100;
   BlkOp op;
   if (kind < options_.discard_percent) {
@@ -164,6 +164,7 @@ Status Workload::IssueNext() {
   } else {
     op = NextRandom() % 100 < options_.barrier_percent ? BlkOp::kWriteBarrier : BlkOp::kWrite;
   }
+  if (op == BlkOp::kWriteBarrier) nr = std::min(nr, target_->max_sectors_per_barrier());
   // Pick a range no request in flight touches; give up for now (and reap)
   // after a few tries so the exact expected content of every read is known.
   for (int attempt = 0; attempt < 8; ++attempt) {

@@ -17,9 +17,11 @@ class MemTarget : public BlockTarget {
 
   uint64_t sectors() const override { return disk_.size() / kGuestSectorBytes; }
   uint32_t max_sectors_per_io() const override { return 64; }
+  uint32_t max_sectors_per_barrier() const override { return barrier_limit_; }
   bool Supports(BlkOp op) const override { return op != BlkOp::kSecureDiscard; }
   Status Submit(const BlkIo& io) override {
     if (pending_.size() >= 32) return Status::Busy("full");
+    if (io.op == BlkOp::kWriteBarrier && io.nr_sectors > barrier_limit_) return Status::InvalidArgument("barrier");
     if (BlkOpHasData(io.op) && io.op != BlkOp::kRead) {
       uint64_t dst = (io.sector + (misplace_writes_ ? 1 : 0)) * kGuestSectorBytes;
       size_t len = std::min<size_t>(size_t{io.nr_sectors} * kGuestSectorBytes, disk_.size() - dst);
@@ -60,6 +62,7 @@ class MemTarget : public BlockTarget {
   uint64_t corrupt_sector_ = UINT64_MAX;
   bool misplace_writes_ = false;
   bool fail_writes_ = false;
+  uint32_t barrier_limit_ = 64;
 };
 
 WorkloadOptions Mixed() {
@@ -90,6 +93,19 @@ TEST(WorkloadTest, RandomMixOnAFaithfulDiskPassesAndVerifiesEverything) {
   // The final pass read back all 2048 sectors.
   EXPECT_GE(report->verified_sectors, 2048u);
   EXPECT_EQ(target.InFlight(), 0u);
+}
+
+TEST(WorkloadTest, BarriersAreCappedToTheTargetsBarrierLimit) {
+  MemTarget target(2048);
+  target.barrier_limit_ = 8;
+  WorkloadOptions o = Mixed();
+  o.barrier_percent = 50;
+  auto w = Workload::Create(target, o);
+  ASSERT_TRUE(w.ok());
+  auto report = w->Run();
+  ASSERT_TRUE(report.ok()) << report.status().ToString();
+  EXPECT_TRUE(report->passed()) << report->Summary();
+  EXPECT_GT(report->barriers, 100u);
 }
 
 TEST(WorkloadTest, DetectsAFlippedBit) {
