@@ -39,7 +39,15 @@ Result<Pass> RunPass(File& file, const std::string& path) {
   p.r.allocated_clusters = scan.allocated_clusters;
   p.r.fragmented_clusters = scan.fragmented_clusters;
   p.r.total_clusters = DivRoundUp(h.size, cs);
-  const uint64_t n = std::max<uint64_t>(scan.refs.size(), DivRoundUp(file_size, cs));
+  uint64_t n = std::max<uint64_t>(scan.refs.size(), DivRoundUp(file_size, cs));
+  // Refcounts held by blocks beyond the end of the file count too (leaks).
+  const auto& table = refcounts->table();
+  for (uint64_t bi = table.size(); bi > 0; --bi) {
+    if (table[bi - 1]) {
+      n = std::max(n, bi * refcounts->block_entries());
+      break;
+    }
+  }
   uint64_t last_used = 0;
   for (uint64_t c = 0; c < n; ++c) {
     uint64_t want = c < scan.refs.size() ? scan.refs[c] : 0;

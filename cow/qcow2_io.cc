@@ -439,7 +439,10 @@ Status Qcow2Image::MapLayer(uint64_t offset, uint64_t length, std::vector<Extent
     const uint64_t host = ref.entry.raw & kQcow2OffsetMask;
     switch (ref.type) {
       case Qcow2ClusterType::kCompressed: push(Extent{g, n, true, false, true, 0, std::nullopt, path_}); break;
-      case Qcow2ClusterType::kZeroAlloc: push(Extent{g, n, false, true, false, 0, host + in, data_path}); break;
+      case Qcow2ClusterType::kZeroAlloc:
+        // No host offset: the preallocated cluster holds stale bytes.
+        push(Extent{g, n, false, true, false, 0, std::nullopt, ""});
+        break;
       default:
         if (!h_.extended_l2()) {
           if (ref.type == Qcow2ClusterType::kZeroPlain) {
