@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -166,6 +167,63 @@ Result<std::vector<uint8_t>> ReadImageWithCowtap(const std::string& path, cow::O
   }
   COWTAP_RETURN_IF_ERROR(image->Close());
   return bytes;
+}
+
+std::string RunIsolated(const std::function<std::string()>& fn) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) return std::string("pipe: ") + std::strerror(errno);
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    return std::string("fork: ") + std::strerror(errno);
+  }
+  if (pid == 0) {
+    ::close(fds[0]);
+    std::string result = fn();
+    size_t done = 0;
+    while (done < result.size()) {
+      ssize_t n = ::write(fds[1], result.data() + done, result.size() - done);
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
+    std::fflush(nullptr);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string result;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fds[0], buf, sizeof(buf));
+    if (n > 0) {
+      result.append(buf, static_cast<size_t>(n));
+    } else if (n == 0 || errno != EINTR) {
+      break;
+    }
+  }
+  ::close(fds[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFSIGNALED(status))
+    return "cowtap crashed: killed by signal " + std::to_string(WTERMSIG(status)) + " (" +
+           strsignal(WTERMSIG(status)) + ")" + (result.empty() ? "" : " after: " + result);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return "cowtap child exited with status " + std::to_string(WEXITSTATUS(status));
+  return result;
+}
+
+Result<std::vector<uint8_t>> ReadImageWithCowtapIsolated(const std::string& path, const cow::OpenOptions& options,
+                                                         const std::string& scratch_file) {
+  std::string error = RunIsolated([&]() -> std::string {
+    auto bytes = ReadImageWithCowtap(path, options);
+    if (!bytes.ok()) return bytes.status().ToString();
+    Status s = WriteWholeFile(scratch_file, *bytes);
+    return s.ok() ? "" : s.ToString();
+  });
+  if (!error.empty()) return Status::Internal(error);
+  return ReadWholeFile(scratch_file);
 }
 
 std::string DescribeDifference(const std::vector<uint8_t>& expected, const std::vector<uint8_t>& actual) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,17 @@ Result<uint64_t> HashFile(const std::string& path);
 // Opens path through cowtap (read-only unless options say otherwise) and
 // returns every guest byte.
 Result<std::vector<uint8_t>> ReadImageWithCowtap(const std::string& path, cow::OpenOptions options);
+
+// Runs fn in a forked child, so that a crash of the code under test fails one
+// case instead of killing the whole test binary. Returns what fn returned, or
+// a description of how the child died ("killed by signal 11 (Segmentation
+// fault)"). fn must not use GoogleTest assertions (they would be lost).
+std::string RunIsolated(const std::function<std::string()>& fn);
+
+// ReadImageWithCowtap in a child (RunIsolated); the bytes travel through
+// scratch_file. An error or crash of the child comes back as the Status.
+Result<std::vector<uint8_t>> ReadImageWithCowtapIsolated(const std::string& path, const cow::OpenOptions& options,
+                                                         const std::string& scratch_file);
 
 // Empty when equal; otherwise says where the first differing run starts and
 // ends, the bytes there, and how many bytes differ in all.
