@@ -220,7 +220,9 @@ class SimGuestImpl final : public SimGuest {
       free_pages_.pop_back();
       return p;
     }
-    if (next_page_ >= ram_pages_) return Status::NoSpace("sim guest: all " + std::to_string(ram_pages_) + " RAM pages are in use");
+    if (next_page_ >= ram_pages_) {
+      return Status::NoSpace("sim guest: all " + std::to_string(ram_pages_) + " RAM pages are in use");
+    }
     return next_page_++;
   }
   void FreePage(uint32_t page_index) override {

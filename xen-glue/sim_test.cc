@@ -271,7 +271,9 @@ TEST_F(SimTest, MapReadsEntryOnceWhileGuestFlipsIt) {
       switch (i % 3) {
         case 0: guest_->WriteRawGrantEntry(ref, GTF_permit_access, kDom0, good_page).IgnoreError(); break;
         case 1: guest_->WriteRawGrantEntry(ref, GTF_permit_access, 9, other_page).IgnoreError(); break;
-        case 2: guest_->WriteRawGrantEntry(ref, GTF_permit_access | GTF_readonly, kDom0, other_page).IgnoreError(); break;
+        case 2:
+          guest_->WriteRawGrantEntry(ref, GTF_permit_access | GTF_readonly, kDom0, other_page).IgnoreError();
+          break;
       }
     }
   });

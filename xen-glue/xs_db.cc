@@ -346,7 +346,9 @@ class XsHandle final : public XenStore {
     std::lock_guard lock(db_->mu_);
     auto& w = conn_->watches;
     auto it = std::find(w.begin(), w.end(), std::pair<std::string, std::string>(path, token));
-    if (it == w.end()) return Status::NotFound("xenstore: no watch on " + std::string(path) + " token " + std::string(token));
+    if (it == w.end()) {
+      return Status::NotFound("xenstore: no watch on " + std::string(path) + " token " + std::string(token));
+    }
     w.erase(it);
     return Status::Ok();
   }
