@@ -145,6 +145,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::Open(std::unique_ptr<File> file,
     if (info.dirty) COWTAP_RETURN_IF_ERROR(img->RebuildRefcounts());
   }
   if (options.remap_cache_entries > 0) img->remap_ = std::make_unique<RemapCache>(options.remap_cache_entries);
+  img->closed_ = false;
   return img;
 }
 
@@ -257,7 +258,7 @@ Status Qcow2Image::FreeClusters(std::vector<uint64_t>* host_clusters) {
 }
 
 Status Qcow2Image::FlushLocked() {
-  if (info_.read_only) return Status::Ok();
+  if (info_.read_only || !refcounts_) return Status::Ok();
   // Dependency order: refcount blocks, flush, L2 slices, flush.
   COWTAP_RETURN_IF_ERROR(SatisfyRefcountDependency());
   COWTAP_RETURN_IF_ERROR(refcounts_->FlushDirty());

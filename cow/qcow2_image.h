@@ -130,7 +130,7 @@ class Qcow2Image final : public Image {
   bool refcount_flush_pending_ = false;
   bool first_write_done_ = false;
   bool dirty_set_by_us_ = false;
-  bool closed_ = false;
+  bool closed_ = true;  // until Open() completes: a half-opened image is never flushed
   std::string read_only_reason_;
   // The last decompressed cluster (compressed clusters are read whole).
   uint64_t decompressed_raw_ = 0;
