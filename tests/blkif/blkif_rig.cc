@@ -6,257 +6,107 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <charconv>
+#include <algorithm>
 #include <mutex>
 #include <thread>
 
 #include <fmt/format.h>
 
-#include "backend/blkif.h"
-#include "backend/ring_server.h"
+#include "backend/vbd.h"
 #include "cow/image.h"
 
 namespace cowtap::blkif_test {
 
 using xen::DomId;
 
-// One VBD's xenbus state machine (backend side), on its own thread.
+// One VBD served by backend::Vbd, with a sampler that keeps the most its
+// rings ever reported (a ring's counters go away when it is stopped, so a
+// test that looks after the guest left still sees what happened).
 class TestVbd {
  public:
   TestVbd(xen::SimHypervisor& hv, DomId domid, uint32_t devid, std::shared_ptr<backend::BlockDevice> device,
-          const VbdFeatures& features, bool writable)
-      : platform_(hv.NewPlatform(xen::kDom0)),
-        domid_(domid),
-        devid_(devid),
-        device_(std::move(device)),
-        features_(features),
-        writable_(writable) {
-    be_ = xen::XsBackendDir(xen::kDom0, "vbd", domid, devid);
-    fe_ = xen::XsFrontendDir(domid, "vbd", devid);
+          const VbdFeatures& features)
+      : hv_(hv), platform_(hv.NewPlatform(xen::kDom0)), device_(std::move(device)) {
+    options_.frontend_domid = domid;
+    options_.devid = devid;
+    options_.max_ring_page_order = features.max_ring_page_order;
+    options_.max_queues = features.max_queues;
+    options_.max_indirect_segments = features.max_indirect_segments;
+    options_.persistent = features.persistent;
+    options_.flush = features.flush;
+    options_.barrier = features.barrier;
   }
-  ~TestVbd() { Stop(); }
-
-  cowtap::Status Start() {
-    COWTAP_ASSIGN_OR_RETURN(xs_, platform_->OpenXenStore());
-    const bool discard = features_.discard && device_->supports_discard() && writable_;
-    const std::pair<std::string, std::string> keys[] = {
-        {"feature-flush-cache", features_.flush ? "1" : "0"},
-        {"feature-barrier", features_.barrier ? "1" : "0"},
-        {"feature-discard", discard ? "1" : "0"},
-        {"discard-granularity", std::to_string(device_->discard_granularity_bytes())},
-        {"discard-alignment", "0"},
-        {"discard-secure", device_->supports_secure_discard() ? "1" : "0"},
-        {"feature-persistent", features_.persistent ? "1" : "0"},
-        {"max-ring-page-order", std::to_string(features_.max_ring_page_order)},
-        {"multi-queue-max-queues", std::to_string(features_.max_queues)},
-    };
-    for (const auto& [k, v] : keys) COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, k), v));
-    if (features_.max_indirect_segments > 0) {
-      COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, "feature-max-indirect-segments"),
-                                        std::to_string(features_.max_indirect_segments)));
-    }
-    COWTAP_RETURN_IF_ERROR(SetState(2));
-    COWTAP_RETURN_IF_ERROR(xs_->Watch(xen::XsJoin(fe_, "state"), "fe"));
-    COWTAP_RETURN_IF_ERROR(xs_->Watch("@releaseDomain", "release"));
-    running_ = true;
-    thread_ = std::thread([this] { Loop(); });
-    return cowtap::Status::Ok();
+  ~TestVbd() {
+    sampling_ = false;
+    if (sampler_.joinable()) sampler_.join();
+    if (vbd_) vbd_->Detach();
   }
 
-  void Stop() {
-    running_ = false;
-    if (thread_.joinable()) thread_.join();
-    StopRings();
+  // As with xl, the device is attached once its domain exists: the Vbd
+  // treats a domain that is not alive as dead. So attach on a thread when
+  // the guest process has connected to the hypervisor.
+  void Start() {
+    sampling_ = true;
+    sampler_ = std::thread([this] {
+      while (sampling_ && !hv_.WaitForDomain(options_.frontend_domid, std::chrono::milliseconds(20))) {
+      }
+      if (!sampling_) return;
+      auto vbd = backend::Vbd::Attach(*platform_, options_, device_);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!vbd.ok()) {
+          sticky_.halt_reason = vbd.status().ToString();
+          return;
+        }
+        vbd_ = std::move(*vbd);
+      }
+      while (sampling_) {
+        Sample();
+        usleep(2000);
+      }
+    });
   }
 
   VbdStatus GetStatus() {
+    Sample();
     std::lock_guard<std::mutex> lock(mu_);
-    VbdStatus s = status_;
-    s.state = state_;
-    for (const auto& r : rings_) {
-      const backend::RingStats& st = r->stats();
-      s.requests += st.requests;
-      s.errors += st.errors;
-      s.eopnotsupp += st.eopnotsupp;
-      s.indirect += st.indirect;
-      s.persistent_hits += st.persistent_hits;
-      if (r->halted()) {
-        s.any_ring_halted = true;
-        s.halt_reason = r->halt_reason();
-      }
-    }
-    s.queues = static_cast<uint32_t>(rings_.size());
+    VbdStatus s = sticky_;
+    s.state = vbd_ ? static_cast<int>(vbd_->state()) : 0;
     return s;
   }
 
-  cowtap::Status Resize() {
+  void Resize() {
     std::lock_guard<std::mutex> lock(mu_);
-    const uint64_t sectors = device_->size_bytes() / 512;
-    for (auto& r : rings_) r->UpdateSectors(sectors);
-    COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, "sectors"), std::to_string(sectors)));
-    // Kick the frontend as blkback does: re-announce Connected.
-    return xs_->Write(xen::XsJoin(be_, "state"), "4");
+    if (vbd_) vbd_->Resize();
   }
 
  private:
-  cowtap::Status SetState(int state) {
-    state_ = state;
-    return xs_->Write(xen::XsJoin(be_, "state"), std::to_string(state));
+  void Sample() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!vbd_) return;
+    const backend::VbdStats st = vbd_->stats();
+    const int state = static_cast<int>(vbd_->state());
+    if (state == 4 && last_state_ != 4) ++sticky_.connects;
+    last_state_ = state;
+    sticky_.requests = std::max(sticky_.requests, st.requests);
+    sticky_.errors = std::max(sticky_.errors, st.errors);
+    sticky_.eopnotsupp = std::max(sticky_.eopnotsupp, st.eopnotsupp);
+    sticky_.queues = std::max(sticky_.queues, st.queues);
+    if (st.halted_queues > 0) sticky_.any_ring_halted = true;
+    const std::string err = vbd_->last_error();
+    if (!err.empty()) sticky_.halt_reason = err;
   }
 
-  Result<std::string> Fe(const std::string& key) { return xs_->Read(xen::XsJoin(fe_, key)); }
-  Result<uint64_t> FeUint(const std::string& key) {
-    COWTAP_ASSIGN_OR_RETURN(std::string v, Fe(key));
-    uint64_t out = 0;
-    auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
-    if (ec != std::errc() || p != v.data() + v.size()) {
-      return cowtap::Status::InvalidArgument(fmt::format("frontend key {} = '{}' is not a number", key, v));
-    }
-    return out;
-  }
-
-  cowtap::Status Connect() {
-    auto proto = Fe("protocol");
-    COWTAP_ASSIGN_OR_RETURN(backend::Abi abi, backend::ParseProtocol(proto.ok() ? *proto : ""));
-    auto nq = FeUint("multi-queue-num-queues");
-    const uint64_t queues = nq.ok() ? *nq : 1;
-    if (queues < 1 || queues > features_.max_queues) return cowtap::Status::InvalidArgument("bad queue count");
-    auto order_key = FeUint("ring-page-order");
-    const bool legacy = !order_key.ok();
-    const uint64_t order = legacy ? 0 : *order_key;
-    if (order > features_.max_ring_page_order) return cowtap::Status::InvalidArgument("bad ring-page-order");
-    auto persistent = FeUint("feature-persistent");
-    backend::DeviceLimits limits;
-    limits.sectors = device_->size_bytes() / 512;
-    limits.read_only = !writable_ || device_->read_only();
-    limits.flush = features_.flush;
-    limits.barrier = features_.barrier;
-    limits.discard = features_.discard && device_->supports_discard() && writable_;
-    limits.discard_secure = limits.discard && device_->supports_secure_discard();
-    limits.max_indirect_segments = features_.max_indirect_segments;
-    std::vector<std::unique_ptr<backend::RingServer>> rings;
-    for (uint64_t q = 0; q < queues; ++q) {
-      const std::string dir = queues >= 2 ? fmt::format("queue-{}/", q) : "";
-      backend::RingConfig cfg;
-      cfg.frontend_domid = domid_;
-      cfg.name = fmt::format("vbd {}/{} queue {}", domid_, devid_, q);
-      cfg.abi = abi;
-      if (legacy) {
-        COWTAP_ASSIGN_OR_RETURN(uint64_t ref, FeUint(dir + "ring-ref"));
-        cfg.ring_refs.push_back(static_cast<xen::GrantRef>(ref));
-      } else {
-        for (uint64_t i = 0; i < (uint64_t{1} << order); ++i) {
-          COWTAP_ASSIGN_OR_RETURN(uint64_t ref, FeUint(fmt::format("{}ring-ref{}", dir, i)));
-          cfg.ring_refs.push_back(static_cast<xen::GrantRef>(ref));
-        }
-      }
-      COWTAP_ASSIGN_OR_RETURN(uint64_t port, FeUint(dir + "event-channel"));
-      cfg.remote_port = static_cast<xen::EvtchnPort>(port);
-      cfg.persistent = features_.persistent && persistent.ok() && *persistent == 1;
-      cfg.limits = limits;
-      COWTAP_ASSIGN_OR_RETURN(auto server, backend::RingServer::Start(*platform_, cfg, device_));
-      rings.push_back(std::move(server));
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      rings_ = std::move(rings);
-      ++status_.connects;
-    }
-    COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, "sectors"), std::to_string(limits.sectors)));
-    COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, "info"), limits.read_only ? "4" : "0"));
-    COWTAP_RETURN_IF_ERROR(xs_->Write(xen::XsJoin(be_, "sector-size"), "512"));
-    COWTAP_RETURN_IF_ERROR(
-        xs_->Write(xen::XsJoin(be_, "physical-sector-size"), std::to_string(device_->physical_sector_size())));
-    return SetState(4);
-  }
-
-  void StopRings() {
-    std::vector<std::unique_ptr<backend::RingServer>> rings;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      rings.swap(rings_);
-      for (auto& r : rings) {
-        if (r->halted()) {
-          status_.any_ring_halted = true;
-          status_.halt_reason = r->halt_reason();
-        }
-        status_.requests += r->stats().requests;
-        status_.errors += r->stats().errors;
-        status_.eopnotsupp += r->stats().eopnotsupp;
-      }
-    }
-    for (auto& r : rings) r->Stop();
-  }
-
-  void Step() {
-    if (!platform_->DomainAlive(domid_) && state_ != 6 && state_ != 2) {
-      StopRings();
-      SetState(6).IgnoreError();
-      return;
-    }
-    auto fe_state = FeUint("state");
-    if (!fe_state.ok()) return;
-    switch (*fe_state) {
-      case 3:
-      case 4:
-        if (state_ == 2) {
-          cowtap::Status s = Connect();
-          if (!s.ok()) {
-            fprintf(stderr, "test vbd %u/%u: connect failed: %s\n", domid_, devid_, s.ToString().c_str());
-            StopRings();
-            SetState(5).IgnoreError();
-          }
-        }
-        break;
-      case 5:
-        if (state_ == 4 || state_ == 2) {
-          StopRings();
-          SetState(5).IgnoreError();
-        }
-        break;
-      case 6:
-        if (state_ != 6) {
-          StopRings();
-          SetState(6).IgnoreError();
-        }
-        break;
-      case 1:
-        if (state_ == 5 || state_ == 6) SetState(2).IgnoreError();
-        break;
-      default:
-        break;
-    }
-  }
-
-  void Loop() {
-    while (running_) {
-      pollfd pfd{xs_->fd(), POLLIN, 0};
-      poll(&pfd, 1, 20);
-      bool any = false;
-      while (true) {
-        auto ev = xs_->ReadWatch();
-        if (!ev.ok() || !*ev) break;
-        any = true;
-      }
-      (void)any;
-      Step();
-    }
-  }
-
+  xen::SimHypervisor& hv_;
   std::unique_ptr<xen::XenPlatform> platform_;
-  std::unique_ptr<xen::XenStore> xs_;
-  const DomId domid_;
-  const uint32_t devid_;
   std::shared_ptr<backend::BlockDevice> device_;
-  const VbdFeatures features_;
-  const bool writable_;
-  std::string be_, fe_;
-  std::atomic<int> state_{1};
-  std::atomic<bool> running_{false};
-  std::thread thread_;
+  backend::VbdOptions options_;
+  std::unique_ptr<backend::Vbd> vbd_;
+  std::atomic<bool> sampling_{false};
+  std::thread sampler_;
   std::mutex mu_;
-  std::vector<std::unique_ptr<backend::RingServer>> rings_;
-  VbdStatus status_;
+  VbdStatus sticky_;
+  int last_state_ = 0;
 };
 
 Result<std::unique_ptr<BlkifRig>> BlkifRig::Create() {
@@ -286,8 +136,8 @@ cowtap::Status BlkifRig::AddVbd(DomId domid, uint32_t devid, std::shared_ptr<bac
   cfg.params = "test";
   cfg.writable = writable;
   COWTAP_RETURN_IF_ERROR(xen::ToolstackAddVbd(*xs_, cfg));
-  auto vbd = std::make_unique<TestVbd>(*hv_, domid, devid, std::move(device), features, writable);
-  COWTAP_RETURN_IF_ERROR(vbd->Start());
+  auto vbd = std::make_unique<TestVbd>(*hv_, domid, devid, std::move(device), features);
+  vbd->Start();
   vbds_[{domid, devid}] = std::move(vbd);
   return cowtap::Status::Ok();
 }
@@ -316,7 +166,8 @@ bool BlkifRig::WaitState(DomId domid, uint32_t devid, int state, int timeout_ms)
 cowtap::Status BlkifRig::Resize(DomId domid, uint32_t devid) {
   auto it = vbds_.find({domid, devid});
   if (it == vbds_.end()) return cowtap::Status::NotFound("no such vbd");
-  return it->second->Resize();
+  it->second->Resize();
+  return cowtap::Status::Ok();
 }
 
 std::vector<std::string> BlkifRig::GuestArgs(DomId domid, uint32_t devid, std::vector<std::string> extra) const {

@@ -1,16 +1,9 @@
 // BlkifRig: the backend half of an end-to-end blkif test, in the test
 // process — a SimHypervisor on a Unix socket in a temp dir, and VBDs whose
 // rings are served by backend::RingServer over a BlockDevice (an image file
-// opened with cow::OpenImage, or a MemBlockDevice). The guest half is the
+// opened with cow::OpenImage, or a MemBlockDevice), each a backend::Vbd —
+// the real xenbus state machine and ring servers. The guest half is the
 // cowtap_guest program, started as a separate process (guest_process.h).
-//
-// The xenbus side of each VBD (publish features, InitWait, read the
-// frontend's ring keys on Initialised, start one RingServer per queue,
-// Connected; Closing/Closed on the frontend's Closing; InitWait again on a
-// reconnect; teardown when the guest dies) is driven by a small state
-// machine on a thread per VBD (TestVbd in blkif_rig.cc), so the tests run
-// while backend::Vbd is being written; it uses only backend/'s public ring
-// and device interfaces.
 //
 // Thread-safety: the rig's methods are called from the test thread; each
 // VBD serves on its own threads.
@@ -35,20 +28,18 @@ struct VbdFeatures {
   uint32_t max_indirect_segments = 256;  // 0: not offered
   bool flush = true;
   bool barrier = true;
-  bool discard = true;  // only if the device supports it
 };
 
 struct VbdStatus {
   int state = 0;                 // the backend's xenbus state
+  // The rest is the most the VBD ever reported while the test ran.
   bool any_ring_halted = false;
-  std::string halt_reason;
+  std::string halt_reason;       // the VBD's last error, if any
   uint64_t requests = 0;
   uint64_t errors = 0;
   uint64_t eopnotsupp = 0;
-  uint64_t indirect = 0;
-  uint64_t persistent_hits = 0;
   uint32_t queues = 0;
-  uint32_t connects = 0;         // how many times it reached Connected
+  uint32_t connects = 0;         // times it was seen entering Connected
 };
 
 class TestVbd;
@@ -63,7 +54,8 @@ class BlkifRig {
   xen::SimHypervisor& hv() { return *hv_; }
   xen::XenStore& xs() { return *xs_; }
 
-  // Writes the toolstack's dirs and starts serving device for (domid, devid).
+  // Writes the toolstack's dirs (mode "w" or "r") and attaches a Vbd serving
+  // device for (domid, devid).
   Status AddVbd(xen::DomId domid, uint32_t devid, std::shared_ptr<backend::BlockDevice> device,
                 const VbdFeatures& features = {}, bool writable = true);
   // Stops serving and removes the dirs.
