@@ -49,7 +49,7 @@ struct CrashKind {
 struct CrashCase {
   CrashKind kind;
   double survive_probability = 0.0;  // 0: drop every unsynced change
-  int crash_points = 12;             // roughly; every k-th write with k = writes / crash_points
+  int crash_points = 8;              // roughly; every k-th write with k = writes / crash_points
   int ops = 40;
   std::string name;
 };
@@ -424,8 +424,20 @@ void RunSweep(const CrashCase& c) {
   TempDir dir("crash-" + c.name);
   CrashHarness harness(c, dir);
   ASSERT_TRUE(harness.Prepare());
+  // Each run goes in a child process (RunIsolated): an engine crash fails
+  // this case with the signal instead of killing the binary.
+  auto isolated = [&](uint64_t fail_write, bool on_data_file, uint64_t* writes) -> std::string {
+    std::string out = RunIsolated([&]() -> std::string {
+      uint64_t n = 0;
+      std::string problem = harness.RunPoint(fail_write, &n, on_data_file);
+      return problem.empty() ? "writes=" + std::to_string(n) : problem;
+    });
+    if (out.rfind("writes=", 0) != 0) return out.empty() ? "no result from the child" : out;
+    *writes = std::stoull(out.substr(7));
+    return "";
+  };
   uint64_t total_writes = 0;
-  std::string dry = harness.RunPoint(0, &total_writes);
+  std::string dry = isolated(0, false, &total_writes);
   if (!dry.empty()) {
     Tally& t = GlobalTally();
     std::lock_guard lock(t.mu);
@@ -439,7 +451,7 @@ void RunSweep(const CrashCase& c) {
     const uint64_t step = std::max<uint64_t>(1, writes / static_cast<uint64_t>(c.crash_points));
     for (uint64_t w = step; w <= writes; w += step) {
       uint64_t ignored = 0;
-      std::string problem = harness.RunPoint(w, &ignored, on_data_file);
+      std::string problem = isolated(w, on_data_file, &ignored);
       ++points;
       if (!problem.empty()) failures.push_back(c.name + ": " + problem);
     }
@@ -447,7 +459,7 @@ void RunSweep(const CrashCase& c) {
   sweep(total_writes, false);
   if (c.kind.data_file) {
     uint64_t data_writes = 0;
-    std::string dry_data = harness.RunPoint(0, &data_writes, true);
+    std::string dry_data = isolated(0, true, &data_writes);
     ASSERT_TRUE(dry_data.empty()) << dry_data;
     sweep(data_writes, true);
     total_writes += data_writes;
