@@ -4,6 +4,7 @@
 #include "xen-glue/sim.h"
 
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <unistd.h>
 #include <xen/grant_table.h>
@@ -53,6 +54,7 @@ class SimTest : public ::testing::Test {
   std::unique_ptr<XenPlatform> platform_;
   std::unique_ptr<GrantTable> gt_;
   std::unique_ptr<SimGuest> guest_;
+  std::atomic<uint32_t> benchmark_sink_{0};
 };
 
 TEST_F(SimTest, GuestGetsRequestedDomidAndIsAlive) {
@@ -183,6 +185,20 @@ TEST_F(SimTest, ForceRevokeKeepsExistingMappingValid) {
   EXPECT_FALSE(gt_->Map(5, refs, true).ok());  // new maps of the revoked ref fail
 }
 
+TEST(SimDeathTest, ReadOnlyMappingFaultsOnWrite) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto write_to_read_only_map = [] {
+    auto hv = SimHypervisor::Start("/tmp/cowtap-sim-death-" + std::to_string(getpid()) + ".sock");
+    auto guest = SimGuest::Connect((*hv)->socket_path(), {.domid = 5});
+    auto gt = (*hv)->NewPlatform()->OpenGrantTable();
+    GrantRef refs[] = {*(*guest)->GrantAccess(*(*guest)->AllocPage(), kDom0, /*readonly=*/true)};
+    auto m = (*gt)->Map(5, refs, false);
+    if (!m.ok()) _exit(3);  // not the death we look for
+    (*m)->page(0)[0] = 1;
+  };
+  EXPECT_EXIT(write_to_read_only_map(), ::testing::KilledBySignal(SIGSEGV), "");
+}
+
 TEST_F(SimTest, GrantCopyBothWaysWithPerOpStatus) {
   uint32_t page = *guest_->AllocPage();
   std::memset(guest_->Page(page), 0x33, kPageSize);
@@ -295,6 +311,37 @@ TEST_F(SimTest, MapReadsEntryOnceWhileGuestFlipsIt) {
   flipper.join();
   EXPECT_EQ(hv_->MappedGrantCount(5), 0u);
   RecordProperty("successful_maps", mapped);
+}
+
+TEST_F(SimTest, ConcurrentMapsWhileTheDomainIsDestroyed) {
+  std::vector<GrantRef> refs;
+  for (int i = 0; i < 8; ++i) refs.push_back(Grant(*guest_->AllocPage()));
+  std::atomic<int> ok_maps{0}, dead_maps{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 500; ++i) {
+        std::span<const GrantRef> batch(refs.data() + (i + t) % 4, 4);
+        const bool writable = (i & 1) != 0;
+        auto m = gt_->Map(5, batch, writable);
+        if (m.ok()) {
+          if (writable) (*m)->page(3)[0] = 1;
+          benchmark_sink_ += (*m)->page(2)[0];
+          ++ok_maps;
+        } else if (m.status().code() == ErrorCode::kCancelled) {
+          ++dead_maps;
+        } else {
+          ++other;
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_TRUE(hv_->DestroyDomain(5).ok());
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_EQ(ok_maps.load() + dead_maps.load(), 2000);
+  EXPECT_EQ(hv_->MappedGrantCount(5), 0u);  // every pin released
 }
 
 TEST_F(SimTest, BindInterdomainRejectsPortsNotOfferedToUs) {
