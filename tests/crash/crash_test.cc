@@ -248,6 +248,11 @@ class CrashHarness {
         }
       }
       *writes = faulty->counters().writes;
+      // The runs are deterministic, so a cut chosen from the dry run's count
+      // must land; if it did not, this point would prove nothing.
+      if (fail_write && !faulty->counters().faults_fired)
+        return "the power cut at write " + std::to_string(fail_write) + " never happened (only " +
+               std::to_string(*writes) + " writes): the workload is not deterministic";
       cow::CrashOptions co;
       co.survive_probability = c_.survive_probability;
       co.seed = fail_write * 7919 + 1;
