@@ -287,5 +287,45 @@ TEST_F(Qcow2InteropTest, CowtapCheckAgreesWithQemuOnLeaks) {
   EXPECT_TRUE(CowtapRead(img) == want);
 }
 
+// cowtap copies-on-write out of compressed clusters and clusters shared with
+// an internal snapshot; QEMU then finds the image consistent, equal to a
+// twin it wrote itself, and the snapshot unchanged.
+TEST_F(Qcow2InteropTest, CowtapWritesIntoCompressedAndSnapshottedImages) {
+  const std::string src = MakeSource(2 << 20);
+  const std::vector<uint8_t> src_bytes = ReadFileBytes(src);
+  for (const std::string opts : {"compression_type=zlib", "compression_type=zstd",
+                                 "extended_l2=on,cluster_size=32k", "cluster_size=4k,refcount_bits=8"}) {
+    SCOPED_TRACE(opts);
+    std::string img = P("c.qcow2"), twin = P("c-twin.qcow2"), msg;
+    fsys::remove(img);
+    ASSERT_EQ(Shell("qemu-img convert -c -O qcow2 -o " + opts + " '" + src + "' '" + img + "'", &msg), 0) << msg;
+    ASSERT_EQ(Shell("qemu-img snapshot -c s1 '" + img + "'", &msg), 0) << msg;
+    fsys::copy_file(img, twin, fsys::copy_options::overwrite_existing);
+    {
+      OpenOptions oo;
+      auto im = OpenImage(img, oo);
+      ASSERT_TRUE(im.ok()) << im.status().ToString();
+      std::vector<uint8_t> b(70000, 0x61);
+      iovec v = MakeIoVec(b.data(), 5000);
+      ASSERT_TRUE((*im)->Write(10000, {&v, 1}).ok());
+      v = MakeIoVec(b.data(), 70000);
+      ASSERT_TRUE((*im)->Write(200000, {&v, 1}).ok());
+      ASSERT_TRUE((*im)->WriteZeroes(400000, 3000, false).ok());
+      ASSERT_TRUE((*im)->Discard(1 << 20, 65536).ok());
+      ASSERT_TRUE((*im)->Close().ok());
+    }
+    ASSERT_EQ(Shell("qemu-io -c 'write -P 0x61 10000 5000' -c 'write -P 0x61 200000 70000' -c 'write -z 400000 3000' "
+                    "-c 'discard 1M 64k' '" + twin + "'", &msg), 0) << msg;
+    ExpectQemuCheckClean(img);
+    EXPECT_EQ(Shell("qemu-img compare '" + img + "' '" + twin + "'", &msg), 0) << msg;
+    EXPECT_TRUE(QemuRead(img, "s1") == src_bytes);
+    EXPECT_TRUE(CowtapRead(img, "s1") == src_bytes);
+    CheckOptions ck;
+    auto r = CheckImage(img, ck);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->ExitCode(), 0) << (r->messages.empty() ? "" : r->messages[0]);
+  }
+}
+
 }  // namespace
 }  // namespace cowtap::cow

@@ -202,7 +202,11 @@ Result<std::vector<Qcow2Snapshot>> ReadQcow2SnapshotTable(File& file, const Qcow
       return Status::Corrupt(path + ": snapshot table entry " + std::to_string(i) + " lies beyond the end of file");
     COWTAP_RETURN_IF_ERROR(file.ReadAt(off, fixed));
     uint64_t n = Qcow2SnapshotEntryBytes(fixed);
-    if (!RangeWithin(off, n, file_size))
+    // QEMU does not write the padding of the last entry, so only the
+    // unpadded bytes must lie inside the file.
+    uint64_t unpadded = kQcow2SnapshotFixedBytes + uint64_t{LoadBe32(fixed + 36)} + LoadBe16(fixed + 12) +
+                        LoadBe16(fixed + 14);
+    if (!RangeWithin(off, unpadded, file_size))
       return Status::Corrupt(path + ": snapshot table entry " + std::to_string(i) + " lies beyond the end of file");
     std::vector<uint8_t> entry(n);
     COWTAP_RETURN_IF_ERROR(file.ReadAt(off, entry));
