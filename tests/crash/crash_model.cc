@@ -57,7 +57,7 @@ std::string CrashModel::Verify(const std::vector<uint8_t>& actual, bool strict_u
   if (!bad) return "";
   size_t end = first;
   while (end < n && !allowed(end)) ++end;
-  const char* rule = !touched_[first] ? "never written, must read as before the workload"
+  const char* rule = !touched_[first]       ? "never written, must read as before the workload"
                      : !pending_mask[first] ? "written and flushed, must read back"
                                             : "written after the last flush, must read as old or new data";
   char buf[320];

@@ -12,14 +12,14 @@
 //   - the backing file is untouched;
 //   - the recovered image takes a further workload and stays clean.
 // Images live in a temporary directory on real files (tmpfs when present).
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <ostream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "base/log.h"
 #include "cow/check.h"
@@ -375,24 +375,26 @@ class CrashHarness {
     for (int i = 0; i < 25; ++i) {
       uint64_t off = rng.Between(0, c_.kind.create.size_bytes - 1);
       uint64_t len = std::min<uint64_t>(rng.Between(1, 200000), c_.kind.create.size_bytes - off);
-      fill.insert(fill.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " +
-                                         std::to_string(off) + " " + std::to_string(len)});
+      fill.insert(fill.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " + std::to_string(off) +
+                                         " " + std::to_string(len)});
     }
     if (c_.kind.start_from == "compressed") {
       const std::string src = dir_.File("template.raw");
       std::vector<std::string> src_fill = fill;
       src_fill[2] = "raw";
       src_fill[3] = src;
-      steps = {{"qemu-img", "create", "-q", "-f", "raw", src, size}, src_fill,
+      steps = {{"qemu-img", "create", "-q", "-f", "raw", src, size},
+               src_fill,
                {"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, src, t}};
     } else {
       // A write after the snapshot keeps the snapshot table from being the
       // last thing in the file (that case is an interop test of its own).
-      steps = {{"qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, t, size}, fill,
-               {"qemu-img", "snapshot", "-c", "snap1", t},
-               {"qemu-io", "-f", "qcow2", t, "-c", "write -q -P 0x66 12345 70000"},
-               {"qemu-img", "convert", "-l", "snapshot.name=snap1", "-f", "qcow2", "-O", "raw", t,
-                dir_.File("snap1.raw")}};
+      steps = {
+          {"qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, t, size},
+          fill,
+          {"qemu-img", "snapshot", "-c", "snap1", t},
+          {"qemu-io", "-f", "qcow2", t, "-c", "write -q -P 0x66 12345 70000"},
+          {"qemu-img", "convert", "-l", "snapshot.name=snap1", "-f", "qcow2", "-O", "raw", t, dir_.File("snap1.raw")}};
     }
     steps.push_back({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", t, dir_.File("template_view.raw")});
     for (const auto& argv : steps) {

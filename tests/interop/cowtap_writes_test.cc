@@ -5,12 +5,12 @@
 // `qemu-img check` must find cowtap's image clean, `qemu-img compare` must
 // find the twins identical, the backing file and any internal snapshot must be
 // unchanged, and cowtap's own CheckImage must agree with qemu-img check.
+#include <gtest/gtest.h>
+
 #include <cstdio>
 #include <ostream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "cow/check.h"
 #include "cow/image.h"
@@ -168,8 +168,8 @@ class CowtapWritesQemuChecks : public ::testing::TestWithParam<WriteCase> {
     for (int i = 0; i < 30; ++i) {
       uint64_t off = rng.Between(0, size - 1);
       uint64_t len = std::min(rng.Between(1, 300000), size - off);
-      argv.insert(argv.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " +
-                                         std::to_string(off) + " " + std::to_string(len)});
+      argv.insert(argv.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " + std::to_string(off) +
+                                         " " + std::to_string(len)});
     }
     return Run(argv);
   }
@@ -180,13 +180,15 @@ class CowtapWritesQemuChecks : public ::testing::TestWithParam<WriteCase> {
                    std::vector<std::string>* files) {
     const uint64_t size = c.create.size_bytes;
     switch (c.backing) {
-      case Backing::kNone: return true;
+      case Backing::kNone:
+        return true;
       case Backing::kRaw:
         *name = "base.raw";
         *format = "raw";
         files->push_back(dir.File("base.raw"));
         // A little smaller than the overlay: the tail reads as zeros.
-        return Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("base.raw"), std::to_string(size - 4096 - 512)}) &&
+        return Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("base.raw"),
+                    std::to_string(size - 4096 - 512)}) &&
                Fill(dir.File("base.raw"), "raw", 7, size - 4096 - 512);
       case Backing::kQcow2:
         *name = "base.qcow2";
@@ -203,8 +205,8 @@ class CowtapWritesQemuChecks : public ::testing::TestWithParam<WriteCase> {
         files->push_back(dir.File("mid.qcow2"));
         return Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("base.raw"), std::to_string(size)}) &&
                Fill(dir.File("base.raw"), "raw", 9, size) &&
-               Run({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=32768", "-b",
-                    "base.raw", "-F", "raw", dir.File("mid.qcow2")}) &&
+               Run({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10,cluster_size=32768", "-b", "base.raw",
+                    "-F", "raw", dir.File("mid.qcow2")}) &&
                Fill(dir.File("mid.qcow2"), "qcow2", 10, size);
     }
     return false;
@@ -239,10 +241,11 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
   if (c.with_snapshot || !c.start_from.empty()) {
     // QEMU makes the image; both twins start as byte copies of it.
     if (c.start_from == "compressed") {
-      ASSERT_TRUE(Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("src.raw"),
-                       std::to_string(c.create.size_bytes)}));
+      ASSERT_TRUE(
+          Run({"qemu-img", "create", "-q", "-f", "raw", dir.File("src.raw"), std::to_string(c.create.size_bytes)}));
       ASSERT_TRUE(Fill(dir.File("src.raw"), "raw", 22, c.create.size_bytes));
-      ASSERT_TRUE(Run({"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", qopts, dir.File("src.raw"), img}));
+      ASSERT_TRUE(
+          Run({"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", qopts, dir.File("src.raw"), img}));
     } else {
       std::vector<std::string> argv = qemu_create;
       argv.insert(argv.end(), {img, std::to_string(c.create.size_bytes)});
@@ -273,8 +276,8 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
       // Absolute names: QEMU resolves a relative data file name against its
       // working directory.
       create.data_file = dir.File("cowtap.data");
-      argv.insert(argv.end(), {"-o", "data_file=" + dir.File("twin.data") +
-                                         (c.create.data_file_raw ? ",data_file_raw=on" : "")});
+      argv.insert(argv.end(),
+                  {"-o", "data_file=" + dir.File("twin.data") + (c.create.data_file_raw ? ",data_file_raw=on" : "")});
     }
     Status s = cow::CreateImage(img, create);
     ASSERT_TRUE(s.ok()) << "cowtap CreateImage " << img << ": " << s.ToString();
@@ -291,8 +294,8 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
     // QEMU turns discard into a no-op on qcow v1 and on qcow2 v2 over a
     // backing file (it cannot express "reads as zero" there), while cowtap
     // refuses it or zeroes: not comparable.
-    wo.discards = !(c.create.format == cow::ImageFormat::kQcow ||
-                    (c.create.qcow2_version == 2 && c.backing != Backing::kNone));
+    wo.discards =
+        !(c.create.format == cow::ImageFormat::kQcow || (c.create.qcow2_version == 2 && c.backing != Backing::kNone));
     wo.ops = 40;
     wo.size_bytes = c.create.size_bytes;
     // Geometry as the image has it (qcow v1 picks its own cluster size).
@@ -318,7 +321,8 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
     if (!image.ok()) return "cowtap OpenImage " + img + ": " + image.status().ToString();
     for (size_t i = 0; i < ops.size(); ++i) {
       Status s = ApplyOp(**image, ops[i]);
-      if (!s.ok()) return "cowtap op #" + std::to_string(i) + " (" + DescribeOp(ops[i]) + ") on " + img + ": " + s.ToString();
+      if (!s.ok())
+        return "cowtap op #" + std::to_string(i) + " (" + DescribeOp(ops[i]) + ") on " + img + ": " + s.ToString();
     }
     Status closed = (*image)->Close();
     return closed.ok() ? "" : "cowtap Close " + img + ": " + closed.ToString();
@@ -384,14 +388,16 @@ TEST_P(CowtapWritesQemuChecks, QemuFindsImageCleanAndIdenticalToTwin) {
     if (!r.ok()) return "ERROR " + r.status().ToString();
     std::string lines;
     for (const std::string& m : r->messages) lines += "\n  " + m;
-    return std::to_string(r->ExitCode()) + " " + std::to_string(r->corruptions) + " " + std::to_string(r->leaks) + lines;
+    return std::to_string(r->ExitCode()) + " " + std::to_string(r->corruptions) + " " + std::to_string(r->leaks) +
+           lines;
   });
   ASSERT_NE(ours.rfind("ERROR", 0), 0u) << "CheckImage " << img << ": " << ours;
   int our_exit = -1;
   unsigned long corruptions = 0, leaks = 0;
   ASSERT_EQ(std::sscanf(ours.c_str(), "%d %lu %lu", &our_exit, &corruptions, &leaks), 3) << ours;
   EXPECT_EQ(our_exit, check.exit_code) << "CheckImage and qemu-img check disagree on " << img
-                                       << "\nqemu-img check said:\n" << check.output << "\nCheckImage said: " << ours;
+                                       << "\nqemu-img check said:\n"
+                                       << check.output << "\nCheckImage said: " << ours;
   EXPECT_EQ(corruptions, 0u) << ours;
   EXPECT_EQ(leaks, 0u) << ours;
 }

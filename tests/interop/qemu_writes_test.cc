@@ -3,12 +3,12 @@
 // clusters of both kinds, discards, snapshots, compression, external data
 // files, backing chains of mixed formats), then compares every byte cowtap
 // reads with `qemu-img convert -O raw` of the same image (or snapshot).
+#include <gtest/gtest.h>
+
 #include <functional>
 #include <ostream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "cow/image.h"
 #include "tests/interop/test_util.h"
@@ -61,8 +61,8 @@ class Builder {
     for (int i = 0; i < count; ++i) {
       uint64_t off = rng.Between(0, size - 1);
       uint64_t len = std::min(rng.Between(1, max_len), size - off);
-      argv.insert(argv.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " +
-                                         std::to_string(off) + " " + std::to_string(len)});
+      argv.insert(argv.end(), {"-c", "write -q -P " + std::to_string(rng.Between(1, 255)) + " " + std::to_string(off) +
+                                         " " + std::to_string(len)});
     }
     for (const std::string& cmd : extra) argv.insert(argv.end(), {"-c", cmd});
     Run(argv, ok_codes);
@@ -158,9 +158,9 @@ std::vector<ReadCase> AllCases() {
   cases.push_back(Plain("v2_cluster2m", "compat=0.10,cluster_size=2097152", 32 * kMiB, 8, 600000));
   // Refcount widths (v3 only; v2 is always 16).
   for (int bits : {1, 8, 16, 64})
-    cases.push_back(Plain("v3_refcount" + std::to_string(bits), "refcount_bits=" + std::to_string(bits) +
-                                                                    ",cluster_size=4096",
-                          8 * kMiB, 20 + static_cast<uint64_t>(bits)));
+    cases.push_back(Plain("v3_refcount" + std::to_string(bits),
+                          "refcount_bits=" + std::to_string(bits) + ",cluster_size=4096", 8 * kMiB,
+                          20 + static_cast<uint64_t>(bits)));
   cases.push_back(Plain("v3_refcount1_cluster512", "refcount_bits=1,cluster_size=512", 2 * kMiB, 31, 20000));
   // Lazy refcounts: clean, and dirty (qemu-io aborted after writing).
   cases.push_back(Plain("lazy_refcounts_clean", "lazy_refcounts=on", 8 * kMiB, 40));
@@ -179,8 +179,8 @@ std::vector<ReadCase> AllCases() {
   cases.push_back({"extended_l2_over_backing", [](Builder& b, ReadTarget* t) {
                      b.Create("base.raw", "raw", 8 * kMiB);
                      b.Fill("base.raw", "raw", 53, 40, 8 * kMiB);
-                     b.Create("img.qcow2", "qcow2", 8 * kMiB, "extended_l2=on,cluster_size=65536",
-                              b.Path("base.raw"), "raw");
+                     b.Create("img.qcow2", "qcow2", 8 * kMiB, "extended_l2=on,cluster_size=65536", b.Path("base.raw"),
+                              "raw");
                      b.Fill("img.qcow2", "qcow2", 54, 40, 8 * kMiB, 5000);  // small: partial subclusters
                      t->image = b.Path("img.qcow2");
                    }});
@@ -292,16 +292,15 @@ std::vector<ReadCase> AllCases() {
                      t->image = b.Path("img.qcow");
                      t->format = "qcow";
                    }});
-  cases.push_back({"qcow1_compressed", [](Builder& b, ReadTarget* t) {
-                     b.Create("src.raw", "raw", 4 * kMiB);
-                     b.Fill("src.raw", "raw", 98, 30, 4 * kMiB);
-                     // QEMU 7.2 writes a correct image here but exits 1.
-                     b.Run({"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow", b.Path("src.raw"),
-                            b.Path("img.qcow")},
-                           {0, 1});
-                     t->image = b.Path("img.qcow");
-                     t->format = "qcow";
-                   }});
+  cases.push_back(
+      {"qcow1_compressed", [](Builder& b, ReadTarget* t) {
+         b.Create("src.raw", "raw", 4 * kMiB);
+         b.Fill("src.raw", "raw", 98, 30, 4 * kMiB);
+         // QEMU 7.2 writes a correct image here but exits 1.
+         b.Run({"qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow", b.Path("src.raw"), b.Path("img.qcow")}, {0, 1});
+         t->image = b.Path("img.qcow");
+         t->format = "qcow";
+       }});
   return cases;
 }
 

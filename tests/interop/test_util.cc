@@ -2,20 +2,19 @@
 #include "tests/interop/test_util.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
-
-#include <gtest/gtest.h>
 
 namespace cowtap::tests {
 
@@ -60,8 +59,10 @@ CommandResult RunCommand(const std::vector<std::string>& argv) {
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
-  if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
-  else if (WIFSIGNALED(status)) result.exit_code = 128 + WTERMSIG(status);
+  if (WIFEXITED(status))
+    result.exit_code = WEXITSTATUS(status);
+  else if (WIFSIGNALED(status))
+    result.exit_code = 128 + WTERMSIG(status);
   return result;
 }
 
@@ -69,8 +70,10 @@ std::string CommandLine(const std::vector<std::string>& argv) {
   std::string line;
   for (const std::string& a : argv) {
     if (!line.empty()) line += ' ';
-    if (a.find_first_of(" \t'\"") != std::string::npos) line += "'" + a + "'";
-    else line += a;
+    if (a.find_first_of(" \t'\"") != std::string::npos)
+      line += "'" + a + "'";
+    else
+      line += a;
   }
   return line;
 }
@@ -207,8 +210,8 @@ std::string RunIsolated(const std::function<std::string()>& fn) {
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   if (WIFSIGNALED(status))
-    return "cowtap crashed: killed by signal " + std::to_string(WTERMSIG(status)) + " (" +
-           strsignal(WTERMSIG(status)) + ")" + (result.empty() ? "" : " after: " + result);
+    return "cowtap crashed: killed by signal " + std::to_string(WTERMSIG(status)) + " (" + strsignal(WTERMSIG(status)) +
+           ")" + (result.empty() ? "" : " after: " + result);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
     return "cowtap child exited with status " + std::to_string(WEXITSTATUS(status));
   return result;
@@ -243,8 +246,8 @@ std::string DescribeDifference(const std::vector<uint8_t>& expected, const std::
   while (end < n && expected[end] != actual[end]) ++end;
   char buf[160];
   std::snprintf(buf, sizeof(buf),
-                "first difference at byte %zu (0x%zx), run of %zu bytes to 0x%zx: expected 0x%02x, got 0x%02x; ",
-                first, first, end - first, end, expected[first], actual[first]);
+                "first difference at byte %zu (0x%zx), run of %zu bytes to 0x%zx: expected 0x%02x, got 0x%02x; ", first,
+                first, end - first, end, expected[first], actual[first]);
   out << buf << diff_bytes << " bytes differ in all";
   return out.str();
 }

@@ -115,10 +115,14 @@ Status ApplyOp(cow::Image& image, const WorkloadOp& op) {
       iovec iov = MakeIoVec(data.data(), data.size());
       return image.Write(op.offset, IoVecs(&iov, 1));
     }
-    case WorkloadOp::kZero: return image.WriteZeroes(op.offset, op.length, /*may_unmap=*/false);
-    case WorkloadOp::kZeroUnmap: return image.WriteZeroes(op.offset, op.length, /*may_unmap=*/true);
-    case WorkloadOp::kDiscard: return image.Discard(op.offset, op.length);
-    case WorkloadOp::kFlush: return image.Flush();
+    case WorkloadOp::kZero:
+      return image.WriteZeroes(op.offset, op.length, /*may_unmap=*/false);
+    case WorkloadOp::kZeroUnmap:
+      return image.WriteZeroes(op.offset, op.length, /*may_unmap=*/true);
+    case WorkloadOp::kDiscard:
+      return image.Discard(op.offset, op.length);
+    case WorkloadOp::kFlush:
+      return image.Flush();
   }
   return Status::Internal("unknown workload op");
 }
@@ -146,10 +150,18 @@ Result<std::vector<std::string>> QemuIoArgs(const std::vector<WorkloadOp>& ops, 
         cmd = "write -q -s " + file + " " + range;
         break;
       }
-      case WorkloadOp::kZero: cmd = "write -q -z " + range; break;
-      case WorkloadOp::kZeroUnmap: cmd = "write -q -z -u " + range; break;
-      case WorkloadOp::kDiscard: cmd = "discard -q " + range; break;
-      case WorkloadOp::kFlush: cmd = "flush"; break;
+      case WorkloadOp::kZero:
+        cmd = "write -q -z " + range;
+        break;
+      case WorkloadOp::kZeroUnmap:
+        cmd = "write -q -z -u " + range;
+        break;
+      case WorkloadOp::kDiscard:
+        cmd = "discard -q " + range;
+        break;
+      case WorkloadOp::kFlush:
+        cmd = "flush";
+        break;
     }
     args.push_back("-c");
     args.push_back(cmd);
