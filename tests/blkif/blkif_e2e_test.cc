@@ -1,6 +1,7 @@
 // End to end over blkif: backend in this process, guest (cowtap_guest) in
 // another. Handshake with each feature on and off from either side, every
-// op, data integrity of a random workload on a qcow2 overlay over a base
+// op, data integrity of a random workload on qcow2 / qcow / raw images (a
+// qcow2 and a qcow overlay over a raw base)
 // (checked by the guest against its model, then by qemu-img check and
 // qemu-img compare against a twin rebuilt from the model), flush
 // durability, discard's effect on the image, resize, reconnect.
@@ -137,33 +138,47 @@ void WritePatternBase(const std::string& path, uint64_t sectors, uint64_t seed) 
   }
 }
 
-TEST_F(BlkifE2eTest, RandomWorkloadOnQcow2OverlayMatchesModelQemuCheckAndTwin) {
+struct ImageKind {
+  const char* name;
+  const char* create;  // qemu-img create arguments after the path; {base} is replaced
+  bool qemu_check;     // qemu-img check supports the format
+  const char* format;  // for qemu-img compare -f
+};
+
+class ImageWorkloadTest : public BlkifE2eTest, public ::testing::WithParamInterface<ImageKind> {};
+
+TEST_P(ImageWorkloadTest, RandomWorkloadMatchesModelQemuCheckAndTwin) {
   if (!HaveQemuImg()) GTEST_SKIP() << "qemu-img not installed (apt-get install qemu-utils)";
+  const ImageKind& kind = GetParam();
   const uint64_t sectors = 32 * 2048;
   const std::string base = rig_->dir() + "/base.raw";
-  const std::string overlay = rig_->dir() + "/overlay.qcow2";
+  const std::string image = rig_->dir() + "/disk." + kind.format;
   const std::string model = rig_->dir() + "/model.bin";
   const std::string twin = rig_->dir() + "/twin.raw";
   WritePatternBase(base, sectors, 11);
+  std::string create = kind.create;
+  if (size_t at = create.find("{base}"); at != std::string::npos) create.replace(at, 6, base);
   std::string out;
-  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 -o cluster_size=65536 -b " + base + " -F raw " + overlay, &out), 0)
-      << out;
+  ASSERT_EQ(RunCommand("qemu-img create -q " + image + " " + create, &out), 0) << out;
+  const bool has_base = create.find(base) != std::string::npos;
   {
-    auto dev = OpenImageDevice(overlay);
+    auto dev = OpenImageDevice(image);
     ASSERT_TRUE(dev.ok()) << dev.status().ToString();
     ASSERT_TRUE(rig_->AddVbd(kDom, kDev, *dev).ok());
   }
   GuestOutcome g = Guest({"--scenario", "workload", "--ops", "3000", "--qd", "16", "--bs", "128", "--random-sizes",
                           "--read-pct", "40", "--flush-every", "200", "--barrier-pct", "5", "--seed", "3",
-                          "--initial", "pattern", "--initial-seed", "11", "--model-out", model},
+                          "--initial", has_base ? "pattern" : "zero", "--initial-seed", "11", "--model-out", model},
                          40s);
   ASSERT_TRUE(g.Passed()) << g.Describe();
   EXPECT_NE(g.output.find("mismatches=0"), std::string::npos);
   ASSERT_TRUE(rig_->RemoveVbd(kDom, kDev).ok());  // closes the image
 
-  EXPECT_EQ(RunCommand("qemu-img check -q " + overlay, &out), 0) << out;
-  // The twin: the base pattern where the model says "never written", else
-  // the pattern of the generation the model recorded.
+  if (kind.qemu_check) {
+    EXPECT_EQ(RunCommand("qemu-img check -q " + image, &out), 0) << out;
+  }
+  // The twin: the initial content where the model says "never written",
+  // else the pattern of the generation the model recorded.
   std::ifstream m(model, std::ios::binary);
   std::vector<uint8_t> tags((std::istreambuf_iterator<char>(m)), std::istreambuf_iterator<char>());
   ASSERT_EQ(tags.size(), sectors * 4);
@@ -172,14 +187,40 @@ TEST_F(BlkifE2eTest, RandomWorkloadOnQcow2OverlayMatchesModelQemuCheckAndTwin) {
   uint64_t written = 0;
   for (uint64_t s = 0; s < sectors; ++s) {
     const uint32_t gen = LoadLe32(tags.data() + s * 4);
-    xen::FillWorkloadPattern(s, gen, gen == 0 ? 11 : 3, sector.data());
+    if (gen == 0 && !has_base) {
+      std::fill(sector.begin(), sector.end(), 0);
+    } else {
+      xen::FillWorkloadPattern(s, gen, gen == 0 ? 11 : 3, sector.data());
+    }
     written += gen != 0;
     t.write(reinterpret_cast<const char*>(sector.data()), 512);
   }
   t.close();
   EXPECT_GT(written, 1000u);
-  EXPECT_EQ(RunCommand("qemu-img compare -f qcow2 -F raw " + overlay + " " + twin, &out), 0) << out;
+  EXPECT_EQ(RunCommand(std::string("qemu-img compare -f ") + kind.format + " -F raw " + image + " " + twin, &out), 0)
+      << out;
   EXPECT_EQ(rig_->hv().MappedGrantCount(kDom), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, ImageWorkloadTest,
+    ::testing::Values(ImageKind{"Qcow2OverlayOverRawBase", "-f qcow2 -o cluster_size=65536 -b {base} -F raw", true,
+                                "qcow2"},
+                      ImageKind{"Qcow2SmallClusters", "-f qcow2 -o cluster_size=4096 32M", true, "qcow2"},
+                      ImageKind{"QcowV1OverlayOverRawBase", "-f qcow -b {base} -F raw", false, "qcow"},
+                      ImageKind{"Raw", "-f raw 32M", false, "raw"}),
+    [](const auto& p) { return std::string(p.param.name); });
+
+TEST_F(BlkifE2eTest, SecureDiscardReadsZero) {
+  backend::MemBlockDeviceOptions o;
+  o.size_bytes = 8 << 20;
+  o.secure_discard = true;
+  o.discard_granularity_bytes = 4096;
+  ASSERT_TRUE(rig_->AddVbd(kDom, kDev, std::make_shared<backend::MemBlockDevice>(o)).ok());
+  GuestOutcome g = Guest({"--scenario", "ops"});
+  ASSERT_TRUE(g.Passed()) << g.Describe();
+  EXPECT_EQ(g.info["discard_secure"], "true");
+  EXPECT_NE(g.output.find("PASS secure-discard-reads-zero"), std::string::npos) << g.output;
 }
 
 TEST_F(BlkifE2eTest, DiscardOnQcow2ReadsZeroInQemu) {
