@@ -27,6 +27,34 @@ std::vector<iovec> Slice(IoVecs iov, uint64_t offset, uint64_t length) {
   return out;
 }
 
+// Coalesces pieces of a request that are contiguous in the host file into
+// one vectored I/O (bounded so that preadv/pwritev stay under IOV_MAX).
+class HostRun {
+ public:
+  HostRun(File* file, bool write) : file_(file), write_(write) {}
+  Status Add(uint64_t host, IoVecs iov, uint64_t length) {
+    if (length_ && (host_ + length_ != host || iov_.size() + iov.size() > 512)) COWTAP_RETURN_IF_ERROR(Flush());
+    if (!length_) host_ = host;
+    iov_.insert(iov_.end(), iov.begin(), iov.end());
+    length_ += length;
+    return Status::Ok();
+  }
+  Status Flush() {
+    if (!length_) return Status::Ok();
+    Status s = write_ ? file_->WritevAt(host_, iov_) : file_->ReadvAt(host_, iov_);
+    iov_.clear();
+    length_ = 0;
+    return s;
+  }
+
+ private:
+  File* file_;
+  bool write_;
+  uint64_t host_ = 0;
+  uint64_t length_ = 0;
+  std::vector<iovec> iov_;
+};
+
 uint32_t SubMask(uint64_t first, uint64_t end) {
   uint64_t m = (end >= 32 ? ~0ull : (1ull << end) - 1) & ~((1ull << first) - 1);
   return static_cast<uint32_t>(m);
@@ -120,6 +148,7 @@ Status Qcow2Image::Read(uint64_t offset, IoVecs iov) {
 
 Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
   const uint64_t total = TotalLength(iov);
+  HostRun run(data_, /*write=*/false);
   uint64_t pos = 0;
   while (pos < total) {
     const uint64_t g = offset + pos;
@@ -134,13 +163,17 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
         } else if (m->flags & Remap::kBacking) {
           COWTAP_RETURN_IF_ERROR(ReadBacking(g, sub));
         } else {
-          COWTAP_RETURN_IF_ERROR(data_->ReadvAt(m->host_offset + in, sub));
+          COWTAP_RETURN_IF_ERROR(run.Add(m->host_offset + in, sub, n));
         }
         continue;
       }
     }
     COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
-    COWTAP_RETURN_IF_ERROR(ReadCluster(ref, in, sub));
+    if (ref.type == Qcow2ClusterType::kNormal && !h_.extended_l2()) {
+      COWTAP_RETURN_IF_ERROR(run.Add((ref.entry.raw & kQcow2OffsetMask) + in, sub, n));
+    } else {
+      COWTAP_RETURN_IF_ERROR(ReadCluster(ref, in, sub));
+    }
     if (!remap_) continue;
     // Publish whole-cluster states only.
     const bool ext = h_.extended_l2();
@@ -154,7 +187,7 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
       remap_->Insert(vc, Remap{ref.entry.raw & kQcow2OffsetMask, 0, flags});
     }
   }
-  return Status::Ok();
+  return run.Flush();
 }
 
 Status Qcow2Image::ReadBacking(uint64_t offset, IoVecs iov) {
@@ -242,14 +275,22 @@ Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
   auto in_place = [&](const ClusterRef& r) {
     return r.type == Qcow2ClusterType::kNormal && (data_file || (r.entry.raw & kQcow2Copied));
   };
+  HostRun run(data_, /*write=*/true);
   while (pos < total) {
     const uint64_t g = offset + pos;
     const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
     uint64_t n = std::min(cluster_size_ - in, total - pos);
-    COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
-    if (in_place(ref)) {
+    std::optional<uint64_t> host;
+    if (remap_) {
+      if (auto m = remap_->Lookup(vc); m && (m->flags & Remap::kWritable)) host = m->host_offset;
+    }
+    if (!host) {
+      COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
+      if (in_place(ref)) host = ref.entry.raw & kQcow2OffsetMask;
+    }
+    if (host) {
       std::vector<iovec> sub = Slice(iov, pos, n);
-      COWTAP_RETURN_IF_ERROR(data_->WritevAt((ref.entry.raw & kQcow2OffsetMask) + in, sub));
+      COWTAP_RETURN_IF_ERROR(run.Add(*host + in, sub, n));
       pos += n;
       continue;
     }
@@ -266,7 +307,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
     COWTAP_ASSIGN_OR_RETURN(uint64_t done, WriteClusterRun(g, Slice(iov, pos, n), k));
     pos += done;
   }
-  return Status::Ok();
+  return run.Flush();
 }
 
 Result<uint64_t> Qcow2Image::WriteClusterRun(uint64_t g, IoVecs data_in, uint64_t k) {
