@@ -155,6 +155,12 @@ BlkifRequest RawRw(uint8_t op, uint64_t sector, GrantRef gref, uint8_t first, ui
   return r;
 }
 
+// A misbehaviour scenario could not even prepare its bad request.
+int SetupFailed(Checks& checks, const Status& why) {
+  checks.ExpectOk(why, "scratch-page");
+  return checks.Finish();
+}
+
 void ProbeAlive(BlkFront& front, Checks& checks, const std::string& name) {
   std::string why = WriteReadBack(front, BlkOp::kWrite, 16, 8, 77);
   checks.Expect(why.empty(), name, why);
@@ -305,7 +311,7 @@ int RunGuest(const GuestRunOptions& o, std::ostream& out) {
     out << "info garbage_answers=" << front.stats().unexpected_responses << std::endl;
   } else if (sc == "out-of-range") {
     auto page = front.GrantScratchPage(false);
-    if (!page.ok()) return checks.ExpectOk(page.status(), "scratch-page"), checks.Finish();
+    if (!page.ok()) return SetupFailed(checks, page.status());
     const uint64_t n = front.sectors();
     ExpectRaw(front, o, checks, out, "read-at-end", RawRw(kBlkifOpRead, n, *page, 0, 7), {kBlkifRspError});
     ExpectRaw(front, o, checks, out, "read-straddling-end", RawRw(kBlkifOpRead, n - 4, *page, 0, 7), {kBlkifRspError});
@@ -320,7 +326,7 @@ int RunGuest(const GuestRunOptions& o, std::ostream& out) {
     ProbeAlive(front, checks, "ring-still-serves");
   } else if (sc == "bad-gref") {
     auto ro = front.GrantScratchPage(true);
-    if (!ro.ok()) return checks.ExpectOk(ro.status(), "scratch-page"), checks.Finish();
+    if (!ro.ok()) return SetupFailed(checks, ro.status());
     ExpectRaw(front, o, checks, out, "gref-beyond-table", RawRw(kBlkifOpRead, 0, 0x00ffffff, 0, 7), {kBlkifRspError});
     ExpectRaw(front, o, checks, out, "gref-reserved-0", RawRw(kBlkifOpRead, 0, 0, 0, 7), {kBlkifRspError});
     ExpectRaw(front, o, checks, out, "gref-never-granted",
@@ -338,7 +344,7 @@ int RunGuest(const GuestRunOptions& o, std::ostream& out) {
     ProbeAlive(front, checks, "ring-still-serves");
   } else if (sc == "bad-segments") {
     auto page = front.GrantScratchPage(false);
-    if (!page.ok()) return checks.ExpectOk(page.status(), "scratch-page"), checks.Finish();
+    if (!page.ok()) return SetupFailed(checks, page.status());
     ExpectRaw(front, o, checks, out, "first-after-last", RawRw(kBlkifOpRead, 0, *page, 4, 2), {kBlkifRspError});
     ExpectRaw(front, o, checks, out, "last-sect-8", RawRw(kBlkifOpRead, 0, *page, 0, 8), {kBlkifRspError});
     ExpectRaw(front, o, checks, out, "zero-segments-read", RawRw(kBlkifOpRead, 0, *page, 0, 7, 0), {kBlkifRspError});
@@ -358,7 +364,7 @@ int RunGuest(const GuestRunOptions& o, std::ostream& out) {
     ProbeAlive(front, checks, "ring-still-serves");
   } else if (sc == "unknown-op") {
     auto page = front.GrantScratchPage(false);
-    if (!page.ok()) return checks.ExpectOk(page.status(), "scratch-page"), checks.Finish();
+    if (!page.ok()) return SetupFailed(checks, page.status());
     ExpectRaw(front, o, checks, out, "op-0x55", RawRw(0x55, 0, *page, 0, 7), {kBlkifRspEopnotsupp});
     ExpectRaw(front, o, checks, out, "op-reserved-4", RawRw(4, 0, *page, 0, 7), {kBlkifRspEopnotsupp});
     ProbeAlive(front, checks, "ring-still-serves");

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <iostream>
 #include <fstream>
 #include <vector>
 
@@ -172,6 +173,10 @@ TEST_P(ImageWorkloadTest, RandomWorkloadMatchesModelQemuCheckAndTwin) {
                          40s);
   ASSERT_TRUE(g.Passed()) << g.Describe();
   EXPECT_NE(g.output.find("mismatches=0"), std::string::npos);
+  // The guest's figures, for the record (not asserted: shared machines vary).
+  if (size_t at = g.output.find("workload: "); at != std::string::npos) {
+    std::cout << "[ figures  ] " << kind.name << " " << g.output.substr(at, g.output.find('\n', at) - at) << "\n";
+  }
   ASSERT_TRUE(rig_->RemoveVbd(kDom, kDev).ok());  // closes the image
 
   if (kind.qemu_check) {
