@@ -290,7 +290,7 @@ void Vbd::Disconnect() {
 }
 
 void Vbd::Fail(const Status& why) {
-  spdlog::error("{}: {}; closing the device", name_, why.ToString());
+  if (fail_log_.Allow()) spdlog::error("{}: {}; closing the device", name_, why.ToString());
   {
     std::lock_guard lock(mu_);
     last_error_ = why.ToString();

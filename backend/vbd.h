@@ -39,6 +39,7 @@
 #include "backend/block_device.h"
 #include "backend/frontend_keys.h"
 #include "backend/ring_server.h"
+#include "base/log.h"
 #include "base/status.h"
 #include "xen-glue/platform.h"
 
@@ -132,7 +133,8 @@ class Vbd {
   std::atomic<bool> stop_{false};
   std::atomic<bool> resize_pending_{false};
   std::atomic<XenbusState> state_{XenbusState::kInitialising};
-  uint32_t sector_size_ = 512;
+  // Frontend-triggered errors (a guest can make them repeat at will).
+  RateLimiter fail_log_{5, std::chrono::seconds(10)};
 
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<RingServer>> servers_;  // GUARDED_BY(mu_)

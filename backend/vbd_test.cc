@@ -242,6 +242,63 @@ TEST_F(VbdTest, ResizeWhileConnectedUpdatesSectors) {
   EXPECT_EQ(Io(xen::BlkOp::kWrite, (12 << 20) / 512, 8, buf.data()), 0) << "beyond the old end";
 }
 
+TEST_F(VbdTest, GarbageSlotsAreAnsweredAndTheQueueKeepsServing) {
+  AddVbd();
+  AttachVbd();
+  AttachFront({.max_queues = 1});
+  ASSERT_TRUE(front_->InjectGarbage(0, 20, 1234).ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->stats().requests >= 20; }));
+  VbdStats s = vbd_->stats();
+  EXPECT_EQ(s.errors + s.eopnotsupp, 20u) << "every garbage slot answered with an error";
+  EXPECT_EQ(s.halted_queues, 0u);
+  std::vector<uint8_t> out(4096, 0x66), in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 16, 8, out.data()), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 16, 8, in.data()), 0);
+  EXPECT_EQ(in, out);
+  EXPECT_EQ(front_->stats().unexpected_responses, 20u);
+}
+
+TEST_F(VbdTest, NotificationFloodIsHarmless) {
+  AddVbd();
+  AttachVbd();
+  AttachFront({.max_queues = 1});
+  ASSERT_TRUE(front_->NotifyFlood(0, 5000).ok());
+  std::vector<uint8_t> buf(4096, 0x12);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
+  EXPECT_EQ(vbd_->stats().errors, 0u);
+}
+
+TEST_F(VbdTest, RacingReqProdHaltsOneQueueAndTeardownStillReleasesAll) {
+  AddVbd();
+  AttachVbd();
+  AttachFront({.max_queues = 2});
+  ASSERT_EQ(front_->device().num_queues, 2u);
+  ASSERT_TRUE(front_->RaceReqProd(1, 7).ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->stats().halted_queues == 1; }));
+  EXPECT_EQ(vbd_->state(), XenbusState::kConnected) << "a broken ring does not take the VBD down";
+  ASSERT_TRUE(hv_->DestroyDomain(kGuest).ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosed; }));
+  EXPECT_EQ(hv_->MappedGrantCount(kGuest), 0u);
+}
+
+TEST_F(VbdTest, GrantRevokedBeforePushFailsOnlyThatRequest) {
+  AddVbd();
+  AttachVbd();
+  AttachFront({.max_queues = 1, .persistent_grants = false});
+  std::vector<uint8_t> buf(4096, 0x31);
+  ASSERT_TRUE(front_->SubmitThenRevoke({.op = xen::BlkOp::kWrite, .sector = 0, .nr_sectors = 8,
+                                        .buffer = buf.data(), .cookie = 77},
+                                       /*before_push=*/true)
+                  .ok());
+  std::vector<xen::BlkCompletion> done;
+  for (int i = 0; i < 100 && done.empty(); ++i) ASSERT_TRUE(front_->Poll(&done, 50).ok());
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].cookie, 77u);
+  EXPECT_EQ(done[0].status, -1);
+  std::vector<uint8_t> in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
+}
+
 // A crude frontend: writes its keys by hand through the guest's xenstore.
 class CrudeFrontendTest : public VbdTest {
  protected:
