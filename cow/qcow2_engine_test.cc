@@ -319,6 +319,33 @@ TEST_F(Qcow2EngineTest, RemapCacheFilledByReadsAndInvalidatedByDiscard) {
   EXPECT_EQ((*r)[0], 0);
 }
 
+TEST_F(Qcow2EngineTest, RemapCacheResolvesThroughRawBacking) {
+  Create("base.raw", 1 << 20, [](CreateOptions& c) { c.format = ImageFormat::kRaw; });
+  {
+    auto base = Open("base.raw");
+    ASSERT_TRUE(Write(*base, 0, 1 << 20, 0x44).ok());
+  }
+  Create("top.qcow2", 1 << 20, [](CreateOptions& c) {
+    c.backing_file = "base.raw";
+    c.backing_format = ImageFormat::kRaw;
+  });
+  auto img = Open("top.qcow2");
+  ASSERT_TRUE(Read(*img, 3 * 65536 + 100, 100).ok());
+  auto m = img->remap_cache()->Lookup(3);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_TRUE(m->flags & Remap::kBacking);
+  EXPECT_EQ(m->layer, 1);
+  EXPECT_EQ(m->host_offset, 3u * 65536);
+  // A write makes the cluster this layer's own: the entry must not survive.
+  ASSERT_TRUE(Write(*img, 3 * 65536, 512, 0x55).ok());
+  auto after = img->remap_cache()->Lookup(3);
+  EXPECT_TRUE(!after.has_value() || !(after->flags & Remap::kBacking));
+  auto r = Read(*img, 3 * 65536, 1024);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)[0], 0x55);
+  EXPECT_EQ((*r)[600], 0x44);
+}
+
 TEST_F(Qcow2EngineTest, ExternalRawDataFileHoldsGuestBytesAtGuestOffsets) {
   Create("a.qcow2", 1 << 20, [](CreateOptions& c) {
     c.data_file = "a.data";

@@ -182,6 +182,18 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
       if (!ext || zero == 0xffffffffu) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
     } else if (ref.type == Qcow2ClusterType::kUnallocated && (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
       if (!ext || zero == 0) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
+    } else if (ref.type == Qcow2ClusterType::kUnallocated && !ext && (vc + 1) * cluster_size_ <= backing_->size_bytes()) {
+      // Resolved through the chain: a raw backing file maps 1:1; a backing
+      // image with its own remap cache (same cluster size) says where.
+      if (backing_->info().format == ImageFormat::kRaw) {
+        remap_->Insert(vc, Remap{vc * cluster_size_, 1, Remap::kBacking});
+      } else if (RemapCache* below = backing_->remap_cache();
+                 below && backing_->info().cluster_size == cluster_size_) {
+        if (auto m = below->Lookup(vc); m && m->layer < 0xfffe) {
+          uint8_t flags = (m->flags & Remap::kZero) ? Remap::kZero : Remap::kBacking;
+          remap_->Insert(vc, Remap{m->host_offset, static_cast<uint16_t>(m->layer + 1), flags});
+        }
+      }
     } else if (ref.type == Qcow2ClusterType::kNormal && data_ == file_.get() && (!ext || alloc == 0xffffffffu)) {
       uint8_t flags = (ref.entry.raw & kQcow2Copied) ? Remap::kWritable : 0;
       remap_->Insert(vc, Remap{ref.entry.raw & kQcow2OffsetMask, 0, flags});
