@@ -53,12 +53,29 @@ Status QcowImage::EvictIfFullLocked() {
 }
 
 Result<QcowCluster> QcowImage::LookupLocked(uint64_t ci) {
+  if (remap_) {
+    if (auto hit = remap_->Lookup(ci)) {
+      if (hit->flags & Remap::kZero) return QcowCluster{};
+      return QcowCluster{QcowCluster::kNormal, hit->host_offset, 0};
+    }
+  }
+  QcowCluster c;
   const uint64_t l1_index = ci >> h_.l2_bits;
-  if (l1_index >= l1_.size() || l1_[l1_index] == 0) return QcowCluster{};
-  COWTAP_ASSIGN_OR_RETURN(auto* table, LoadL2Locked(l1_[l1_index]));
-  const uint64_t entry = (*table)[ci & (h_.l2_entries() - 1)];
-  auto c = DecodeQcowL2Entry(h_, entry, ci, file_end_, info_.path);
-  if (!c.ok()) return MarkCorrupt(c.status());
+  if (l1_index < l1_.size() && l1_[l1_index] != 0) {
+    COWTAP_ASSIGN_OR_RETURN(auto* table, LoadL2Locked(l1_[l1_index]));
+    const uint64_t entry = (*table)[ci & (h_.l2_entries() - 1)];
+    auto decoded = DecodeQcowL2Entry(h_, entry, ci, file_end_, info_.path);
+    if (!decoded.ok()) return MarkCorrupt(decoded.status());
+    c = *decoded;
+  }
+  if (remap_) {
+    const uint64_t backing_size = backing_ ? backing_->size_bytes() : 0;
+    if (c.kind == QcowCluster::kNormal) {
+      remap_->Insert(ci, Remap{c.host_offset, 0, Remap::kWritable});
+    } else if (c.kind == QcowCluster::kUnallocated && ci * cluster_size_ >= backing_size) {
+      remap_->Insert(ci, Remap{0, 0, Remap::kZero});
+    }
+  }
   return c;
 }
 
@@ -214,6 +231,8 @@ Result<std::vector<Extent>> QcowImage::Map(uint64_t offset, uint64_t length) {
 
 Result<std::unique_ptr<Image>> OpenQcowImage(std::unique_ptr<File> file, const std::string& path,
                                              const OpenOptions& options, const BackingOpener& open_backing) {
+  if (!options.snapshot.empty())
+    return Status::NotSupported(path + ": qcow v1 has no internal snapshots (asked for \"" + options.snapshot + "\")");
   COWTAP_ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   std::array<uint8_t, kQcowHeaderBytes> raw_header{};
   if (file_size >= kQcowHeaderBytes) COWTAP_RETURN_IF_ERROR(file->ReadAt(0, raw_header));
@@ -262,7 +281,8 @@ Result<std::unique_ptr<Image>> OpenQcowImage(std::unique_ptr<File> file, const s
   if (cache_bytes == 0) cache_bytes = std::min(kQcowDefaultL2CacheBytes, l1_size * l2_bytes);
   const uint64_t cache_tables = std::max<uint64_t>(2, cache_bytes / l2_bytes);
   return std::unique_ptr<Image>(
-      new QcowImage(std::move(file), std::move(info), h, std::move(l1), std::move(backing), file_size, cache_tables));
+      new QcowImage(std::move(file), std::move(info), h, std::move(l1), std::move(backing), file_size, cache_tables,
+                    options.remap_cache_entries));
 }
 
 }  // namespace cowtap::cow

@@ -23,6 +23,9 @@
 //   the cluster gets real zeros so the backing bytes never reappear.
 // - Metadata found invalid while running (an L2 entry out of the file, say)
 //   fails that request with kCorrupt and stops all further writes.
+// - Lookups go through the RemapCache first (when enabled), then the L2
+//   cache; what the L2 path resolves is published to the RemapCache, and
+//   SetEntryLocked invalidates a cluster's remap before changing its entry.
 //
 // Thread-safety: all methods may be called concurrently. mu_ guards the L1
 // table, the L2 cache and the allocation pointer; writes, discards and
@@ -38,6 +41,7 @@
 #include "cow/image.h"
 #include "cow/qcow_format.h"
 #include "cow/qcow_l2_cache.h"
+#include "cow/remap_cache.h"
 
 namespace cowtap::cow {
 
@@ -48,7 +52,7 @@ inline constexpr uint64_t kQcowMaxRunBytes = 1ull << 20;  // largest merged allo
 class QcowImage final : public Image {
  public:
   QcowImage(std::unique_ptr<File> file, ImageInfo info, const QcowHeader& header, std::vector<uint64_t> l1,
-            std::shared_ptr<Image> backing, uint64_t file_size, uint64_t cache_tables)
+            std::shared_ptr<Image> backing, uint64_t file_size, uint64_t cache_tables, uint64_t remap_entries)
       : file_(std::move(file)),
         info_(std::move(info)),
         h_(header),
@@ -57,12 +61,18 @@ class QcowImage final : public Image {
         l1_(std::move(l1)),
         cache_(cache_tables),
         file_end_(file_size),
-        reserved_end_(file_size) {}
+        reserved_end_(file_size),
+        remap_(remap_entries ? std::make_unique<RemapCache>(remap_entries) : nullptr) {}
 
   ~QcowImage() override;
 
   const ImageInfo& info() const override { return info_; }
   std::shared_ptr<Image> backing() const override { return backing_; }
+  // Top-layer clusters this image resolved: host offsets of allocated,
+  // uncompressed clusters (kWritable) and clusters that read as zeros with
+  // nothing below them (kZero). Entries are invalidated before the mapping
+  // changes. Not synchronized: use it only while no request is in flight.
+  RemapCache* remap_cache() override { return remap_.get(); }
 
   Status Read(uint64_t offset, IoVecs iov) override;
   Status Write(uint64_t offset, IoVecs iov) override;
@@ -131,6 +141,7 @@ class QcowImage final : public Image {
   uint64_t file_end_;              // GUARDED_BY(mu_), end of everything allocated
   uint64_t reserved_end_;          // GUARDED_BY(mu_), end of space fallocated ahead
   bool corrupt_ = false;           // GUARDED_BY(mu_)
+  std::unique_ptr<RemapCache> remap_;  // GUARDED_BY(mu_); null when disabled
 };
 
 }  // namespace cowtap::cow

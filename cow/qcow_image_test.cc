@@ -12,6 +12,7 @@
 #include "cow/fault_file.h"
 #include "cow/image.h"
 #include "cow/qcow_format.h"
+#include "cow/remap_cache.h"
 
 namespace cowtap::cow {
 namespace {
@@ -636,6 +637,15 @@ TEST_F(QcowTest, MapReportsDepthAndHostOffsets) {
   EXPECT_EQ((*map)[3].offset, 64u * 1024);
 }
 
+TEST_F(QcowTest, SnapshotRequestIsRefused) {
+  Create("/a.qcow", ImageFormat::kQcow, 1 * kMiB);
+  OpenOptions o = Opts();
+  o.snapshot = "snap1";
+  auto r = OpenImage("/a.qcow", o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kNotSupported);
+}
+
 TEST_F(QcowTest, ReadOnlyAndOutOfRangeAreRefused) {
   Create("/a.qcow", ImageFormat::kQcow, 1 * kMiB);
   auto ro = Open("/a.qcow", Opts(true));
@@ -647,6 +657,47 @@ TEST_F(QcowTest, ReadOnlyAndOutOfRangeAreRefused) {
   EXPECT_FALSE(img->Map(1 * kMiB, 1).ok());
   ASSERT_TRUE(img->Close().ok());
   EXPECT_EQ(Write(*img, 0, Pattern(10, 1)).code(), ErrorCode::kCancelled);
+}
+
+// --- Remap cache -----------------------------------------------------------
+
+TEST_F(QcowTest, RemapCachePublishesResolvedClustersAndInvalidatesOnChange) {
+  Create("/base.raw", ImageFormat::kRaw, 64 * 1024);
+  CreateOptions c;
+  c.fs = fs_.get();
+  c.format = ImageFormat::kQcow;
+  c.size_bytes = 1 * kMiB;
+  c.backing_file = "base.raw";
+  ASSERT_TRUE(CreateImage("/o.qcow", c).ok());
+  auto img = Open("/o.qcow");
+  RemapCache* remap = img->remap_cache();
+  ASSERT_NE(remap, nullptr);
+  ASSERT_TRUE(Write(*img, 1024, Pattern(512, 1)).ok());  // guest cluster 2
+  Read(*img, 0, 8192);
+  auto hit = remap->Lookup(2);
+  ASSERT_TRUE(hit.has_value());
+  EXPECT_EQ(hit->flags, Remap::kWritable);
+  EXPECT_EQ(hit->layer, 0);
+  auto map = img->Map(1024, 512);
+  ASSERT_TRUE(map.ok());
+  EXPECT_EQ(hit->host_offset, *(*map)[0].host_offset);
+  EXPECT_FALSE(remap->Lookup(0).has_value());  // backing data: not this layer's
+  Read(*img, 512 * 1024, 512);                  // past the backing file: zeros
+  auto zero = remap->Lookup(1024);
+  ASSERT_TRUE(zero.has_value());
+  EXPECT_EQ(zero->flags, Remap::kZero);
+  // Writing the zero cluster and discarding the written one both invalidate.
+  ASSERT_TRUE(Write(*img, 512 * 1024, Pattern(512, 2)).ok());
+  EXPECT_EQ(Read(*img, 512 * 1024, 512), Pattern(512, 2));
+  EXPECT_EQ(remap->Lookup(1024)->flags, Remap::kWritable);
+  ASSERT_TRUE(img->Discard(512 * 1024, 512).ok());
+  EXPECT_EQ(Read(*img, 512 * 1024, 512), std::vector<uint8_t>(512, 0));
+  EXPECT_GT(remap->Stats().hits, 0u);
+  EXPECT_GT(remap->Stats().invalidations, 0u);
+
+  OpenOptions o = Opts();
+  o.remap_cache_entries = 0;
+  EXPECT_EQ(Open("/o.qcow", o)->remap_cache(), nullptr);
 }
 
 // --- Crash consistency -----------------------------------------------------

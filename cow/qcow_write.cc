@@ -25,6 +25,7 @@ Result<uint64_t> QcowImage::AllocateLocked(uint64_t bytes) {
 }
 
 Status QcowImage::SetEntryLocked(uint64_t ci, uint64_t entry) {
+  if (remap_) remap_->Invalidate(ci);
   const uint64_t l1_index = ci >> h_.l2_bits;
   if (l1_[l1_index] == 0) {
     if (entry == 0) return Status::Ok();
