@@ -196,8 +196,8 @@ TEST(SimDeathTest, ReadOnlyMappingFaultsOnWrite) {
     if (!m.ok()) _exit(3);  // not the death we look for
     (*m)->page(0)[0] = 1;
   };
-#if defined(__SANITIZE_ADDRESS__)
-  EXPECT_DEATH(write_to_read_only_map(), "SEGV");  // ASan reports the fault, then exits
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  EXPECT_DEATH(write_to_read_only_map(), "SEGV");  // the sanitizer reports the fault, then exits
 #else
   EXPECT_EXIT(write_to_read_only_map(), ::testing::KilledBySignal(SIGSEGV), "");
 #endif
