@@ -16,6 +16,18 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+// ASan and TSan catch SIGSEGV, report it and exit instead of dying by it.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SANITIZER_CATCHES_SEGV 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SANITIZER_CATCHES_SEGV 1
+#endif
+#endif
+#ifndef SANITIZER_CATCHES_SEGV
+#define SANITIZER_CATCHES_SEGV 0
+#endif
+
 namespace cowtap::xen {
 namespace {
 
@@ -196,7 +208,7 @@ TEST(SimDeathTest, ReadOnlyMappingFaultsOnWrite) {
     if (!m.ok()) _exit(3);  // not the death we look for
     (*m)->page(0)[0] = 1;
   };
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if SANITIZER_CATCHES_SEGV
   EXPECT_DEATH(write_to_read_only_map(), "SEGV");  // the sanitizer reports the fault, then exits
 #else
   EXPECT_EXIT(write_to_read_only_map(), ::testing::KilledBySignal(SIGSEGV), "");
