@@ -202,6 +202,7 @@ TEST(SimDeathTest, ReadOnlyMappingFaultsOnWrite) {
   auto write_to_read_only_map = [] {
     auto hv = SimHypervisor::Start("/tmp/cowtap-sim-death-" + std::to_string(getpid()) + ".sock");
     auto guest = SimGuest::Connect((*hv)->socket_path(), {.domid = 5});
+    unlink((*hv)->socket_path().c_str());  // this process dies without cleaning up
     auto gt = (*hv)->NewPlatform()->OpenGrantTable();
     GrantRef refs[] = {*(*guest)->GrantAccess(*(*guest)->AllocPage(), kDom0, /*readonly=*/true)};
     auto m = (*gt)->Map(5, refs, false);
