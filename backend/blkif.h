@@ -38,10 +38,10 @@ inline constexpr int16_t kRspEopnotsupp = -2;
 
 inline constexpr uint8_t kDiscardSecure = 1;  // BLKIF_DISCARD_SECURE
 
-inline constexpr uint32_t kMaxDirectSegments = 11;       // BLKIF_MAX_SEGMENTS_PER_REQUEST
-inline constexpr uint32_t kMaxIndirectPages = 8;         // BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
-inline constexpr size_t kPageSize = 4096;                // Xen grants are 4 KiB pages
-inline constexpr size_t kSegmentDescriptorSize = 8;      // sizeof(blkif_request_segment)
+inline constexpr uint32_t kMaxDirectSegments = 11;   // BLKIF_MAX_SEGMENTS_PER_REQUEST
+inline constexpr uint32_t kMaxIndirectPages = 8;     // BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
+inline constexpr size_t kPageSize = 4096;            // Xen grants are 4 KiB pages
+inline constexpr size_t kSegmentDescriptorSize = 8;  // sizeof(blkif_request_segment)
 inline constexpr uint32_t kSegmentsPerIndirectPage = kPageSize / kSegmentDescriptorSize;  // 512
 // The most segments an indirect request can describe at all.
 inline constexpr uint32_t kMaxIndirectSegmentsWire = kMaxIndirectPages * kSegmentsPerIndirectPage;
@@ -61,9 +61,9 @@ std::string_view AbiName(Abi abi);  // "x86_64-abi" / "x86_32-abi"
 // "arm-abi", or garbage) is kNotSupported, naming the value.
 Result<Abi> ParseProtocol(std::string_view protocol);
 
-size_t RequestBytes(Abi abi);    // 112 or 108
-size_t ResponseBytes(Abi abi);   // 16 or 12
-size_t RingSlotBytes(Abi abi);   // sizeof(union blkif_sring_entry): 112 or 108
+size_t RequestBytes(Abi abi);   // 112 or 108
+size_t ResponseBytes(Abi abi);  // 16 or 12
+size_t RingSlotBytes(Abi abi);  // sizeof(union blkif_sring_entry): 112 or 108
 // Slots in a shared ring of ring_bytes: as many as fit after the header,
 // rounded down to a power of two (io/ring.h's __RING_SIZE). 32 for one page
 // in either ABI. 0 if ring_bytes is smaller than header + one slot.

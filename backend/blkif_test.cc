@@ -31,8 +31,8 @@ TEST(BlkifTest, RingCapacityMatchesRingH) {
   // __CONST_RING_SIZE(blkif, 4096) on x86_64.
   EXPECT_EQ(RingCapacity(Abi::kX86_64, 4096), __CONST_RING_SIZE(blkif, 4096));
   EXPECT_EQ(RingCapacity(Abi::kX86_64, 4096 << 4), __CONST_RING_SIZE(blkif, 4096 << 4));
-  EXPECT_EQ(RingCapacity(Abi::kX86_32, 4096), 32u);         // 4032 / 108 = 37 -> 32
-  EXPECT_EQ(RingCapacity(Abi::kX86_32, 4096 << 4), 512u);   // 65472 / 108 = 606 -> 512
+  EXPECT_EQ(RingCapacity(Abi::kX86_32, 4096), 32u);        // 4032 / 108 = 37 -> 32
+  EXPECT_EQ(RingCapacity(Abi::kX86_32, 4096 << 4), 512u);  // 65472 / 108 = 606 -> 512
   EXPECT_EQ(RingCapacity(Abi::kX86_64, 63), 0u);
   EXPECT_EQ(RingCapacity(Abi::kX86_64, 64 + 111), 0u);
   EXPECT_EQ(RingCapacity(Abi::kX86_64, 64 + 112), 1u);

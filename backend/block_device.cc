@@ -99,8 +99,7 @@ class ImageBlockDevice final : public BlockDevice {
 
 }  // namespace
 
-std::unique_ptr<BlockDevice> NewImageBlockDevice(std::shared_ptr<cow::Image> image,
-                                                 const ImageDeviceOptions& options) {
+std::unique_ptr<BlockDevice> NewImageBlockDevice(std::shared_ptr<cow::Image> image, const ImageDeviceOptions& options) {
   return std::make_unique<ImageBlockDevice>(std::move(image), options);
 }
 

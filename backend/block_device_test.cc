@@ -109,11 +109,10 @@ TEST_F(ImageBlockDeviceTest, SubmitCompletesExactlyOnce) {
               });
   EXPECT_EQ(calls, 1);
   EXPECT_TRUE(got.ok());
-  dev->Submit({.kind = BlockIoKind::kRead, .offset_bytes = 1 << 20, .length_bytes = 4096, .iov = iov},
-              [&](Status s) {
-                ++calls;
-                got = s;
-              });
+  dev->Submit({.kind = BlockIoKind::kRead, .offset_bytes = 1 << 20, .length_bytes = 4096, .iov = iov}, [&](Status s) {
+    ++calls;
+    got = s;
+  });
   EXPECT_EQ(calls, 2);
   EXPECT_EQ(got.code(), ErrorCode::kOutOfRange);
 }

@@ -89,8 +89,8 @@ Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& f
     keys.abi = *abi;
   }
 
-  COWTAP_ASSIGN_OR_RETURN(uint64_t order, ReadNumberOr(store, xen::XsJoin(frontend_dir, "ring-page-order"),
-                                                       offer.max_ring_page_order, 0));
+  COWTAP_ASSIGN_OR_RETURN(
+      uint64_t order, ReadNumberOr(store, xen::XsJoin(frontend_dir, "ring-page-order"), offer.max_ring_page_order, 0));
   keys.ring_page_order = static_cast<uint32_t>(order);
   COWTAP_ASSIGN_OR_RETURN(uint64_t persistent,
                           ReadNumberOr(store, xen::XsJoin(frontend_dir, "feature-persistent"), 1, 0));
@@ -103,8 +103,8 @@ Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& f
                           ReadOptional(store, xen::XsJoin(frontend_dir, "multi-queue-num-queues")));
   uint64_t queues = 1;
   if (nq_text) {
-    COWTAP_ASSIGN_OR_RETURN(queues, ParseDecimal(*nq_text, offer.max_queues,
-                                                 xen::XsJoin(frontend_dir, "multi-queue-num-queues")));
+    COWTAP_ASSIGN_OR_RETURN(
+        queues, ParseDecimal(*nq_text, offer.max_queues, xen::XsJoin(frontend_dir, "multi-queue-num-queues")));
     if (queues == 0) {
       return Status::InvalidArgument(
           fmt::format("{} = 0; at least one queue is needed", xen::XsJoin(frontend_dir, "multi-queue-num-queues")));

@@ -50,7 +50,6 @@ struct FrontendKeys {
 Result<uint64_t> ParseDecimal(std::string_view text, uint64_t max, std::string_view what);
 
 // Reads and checks the frontend's keys under frontend_dir.
-Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& frontend_dir,
-                                      const BackendOffer& offer);
+Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& frontend_dir, const BackendOffer& offer);
 
 }  // namespace cowtap::backend

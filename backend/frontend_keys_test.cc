@@ -1,9 +1,8 @@
 #include "backend/frontend_keys.h"
 
-#include <unistd.h>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include "xen-glue/sim.h"
 

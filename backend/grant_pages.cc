@@ -12,8 +12,7 @@ GrantPages::GrantPages(xen::GrantTable& table, xen::DomId domid, bool persistent
       max_entries_(max_entries),
       mapped_pages_(mapped_pages) {}
 
-Result<std::shared_ptr<xen::GrantMapping>> GrantPages::MapBatch(std::span<const xen::GrantRef> refs,
-                                                                bool writable) {
+Result<std::shared_ptr<xen::GrantMapping>> GrantPages::MapBatch(std::span<const xen::GrantRef> refs, bool writable) {
   ++map_calls_;
   COWTAP_ASSIGN_OR_RETURN(std::unique_ptr<xen::GrantMapping> mapping, table_.Map(domid_, refs, writable));
   const size_t pages = mapping->pages();

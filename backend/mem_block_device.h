@@ -82,15 +82,15 @@ class MemBlockDevice final : public BlockDevice {
   };
   Status Execute(const BlockIo& io);
   Status CheckRange(uint64_t offset_bytes, uint64_t length_bytes) const;  // REQUIRES: mu_ held
-  std::optional<Status> TakeInjected(BlockIoKind kind);                  // REQUIRES: mu_ held
+  std::optional<Status> TakeInjected(BlockIoKind kind);                   // REQUIRES: mu_ held
 
   const MemBlockDeviceOptions options_;
   mutable std::mutex mu_;
-  std::vector<uint8_t> data_;     // GUARDED_BY(mu_)
-  std::vector<uint8_t> durable_;  // GUARDED_BY(mu_)
-  std::vector<LoggedOp> log_;     // GUARDED_BY(mu_)
+  std::vector<uint8_t> data_;                             // GUARDED_BY(mu_)
+  std::vector<uint8_t> durable_;                          // GUARDED_BY(mu_)
+  std::vector<LoggedOp> log_;                             // GUARDED_BY(mu_)
   std::vector<std::pair<BlockIoKind, Status>> injected_;  // GUARDED_BY(mu_)
-  std::deque<Pending> pending_;   // GUARDED_BY(mu_)
+  std::deque<Pending> pending_;                           // GUARDED_BY(mu_)
 };
 
 }  // namespace cowtap::backend

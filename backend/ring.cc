@@ -46,8 +46,8 @@ Status BackRing::Refresh() {
   const uint32_t prod = LoadShared(kReqProd, true);
   // Unsigned wrap-around arithmetic: both differences are mod 2^32.
   if (prod - rsp_prod_pvt_ > capacity_) {
-    return Status::Corrupt(fmt::format("frontend req_prod {} is {} requests ahead of answered {} on a ring of {}",
-                                       prod, prod - rsp_prod_pvt_, rsp_prod_pvt_, capacity_));
+    return Status::Corrupt(fmt::format("frontend req_prod {} is {} requests ahead of answered {} on a ring of {}", prod,
+                                       prod - rsp_prod_pvt_, rsp_prod_pvt_, capacity_));
   }
   // A producer behind our consumer (it went backwards) is equally broken.
   if (prod - req_cons_ > capacity_) {

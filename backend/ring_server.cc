@@ -1,11 +1,10 @@
 #include "backend/ring_server.h"
 
+#include <fmt/format.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include <cstring>
 #include <mutex>
@@ -44,7 +43,9 @@ class RingServer::Impl {
   ~Impl();
 
   Status Init(xen::XenPlatform& platform);
-  void StartThread() { thread_ = std::thread([this] { Run(); }); }
+  void StartThread() {
+    thread_ = std::thread([this] { Run(); });
+  }
   void Stop();
   void Answer(InFlight& op, const Status& status);
   bool halted() const { return halted_.load(std::memory_order_acquire); }
@@ -284,10 +285,18 @@ void RingServer::Impl::Submit(std::unique_ptr<InFlight> op) {
   io.flush_after = r.flush_after;
   io.secure = r.secure;
   switch (r.op) {
-    case BlockOp::kRead: io.kind = BlockIoKind::kRead; break;
-    case BlockOp::kWrite: io.kind = BlockIoKind::kWrite; break;
-    case BlockOp::kFlush: io.kind = BlockIoKind::kFlush; break;
-    case BlockOp::kDiscard: io.kind = BlockIoKind::kDiscard; break;
+    case BlockOp::kRead:
+      io.kind = BlockIoKind::kRead;
+      break;
+    case BlockOp::kWrite:
+      io.kind = BlockIoKind::kWrite;
+      break;
+    case BlockOp::kFlush:
+      io.kind = BlockIoKind::kFlush;
+      break;
+    case BlockOp::kDiscard:
+      io.kind = BlockIoKind::kDiscard;
+      break;
   }
   if (r.op == BlockOp::kRead || r.op == BlockOp::kWrite) {
     std::vector<GrantRef> refs(r.segments.size());
@@ -370,7 +379,9 @@ void RingServer::Impl::Answer(InFlight& op, const Status& status) {
         stats_.bytes_written.fetch_add(r.length_bytes, std::memory_order_relaxed);
         if (r.flush_after) stats_.flushes.fetch_add(1, std::memory_order_relaxed);
         break;
-      case BlockOp::kFlush: stats_.flushes.fetch_add(1, std::memory_order_relaxed); break;
+      case BlockOp::kFlush:
+        stats_.flushes.fetch_add(1, std::memory_order_relaxed);
+        break;
       case BlockOp::kDiscard:
         stats_.discards.fetch_add(1, std::memory_order_relaxed);
         stats_.bytes_discarded.fetch_add(r.length_bytes, std::memory_order_relaxed);
@@ -399,9 +410,10 @@ void RingServer::Impl::Halt(const Status& why) {
     std::lock_guard lock(halt_mu_);
     halt_reason_ = why.ToString();
   }
-  spdlog::error("{}: ring halted, the frontend broke the ring protocol ({}); this ring serves nothing more "
-                "until the frontend reconnects",
-                config_.name, why.ToString());
+  spdlog::error(
+      "{}: ring halted, the frontend broke the ring protocol ({}); this ring serves nothing more "
+      "until the frontend reconnects",
+      config_.name, why.ToString());
 }
 
 void RingServer::Impl::LogGuestError(const Status& status) {

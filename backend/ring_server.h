@@ -38,8 +38,8 @@
 #include <string>
 #include <vector>
 
-#include "backend/block_device.h"
 #include "backend/blkif.h"
+#include "backend/block_device.h"
 #include "backend/validate.h"
 #include "base/status.h"
 #include "xen-glue/platform.h"
@@ -55,7 +55,7 @@ struct RingConfig {
   bool persistent = false;               // both sides offered feature-persistent
   // Bound of the persistent-grant LRU (pages kept mapped).
   size_t max_persistent_grants = 1056;
-  DeviceLimits limits;                   // what the VBD advertised
+  DeviceLimits limits;  // what the VBD advertised
 };
 
 // Counters, readable at any time (relaxed atomics).
@@ -69,14 +69,14 @@ struct RingStats {
   std::atomic<uint64_t> bytes_read{0};
   std::atomic<uint64_t> bytes_written{0};
   std::atomic<uint64_t> bytes_discarded{0};
-  std::atomic<uint64_t> errors{0};       // answered BLKIF_RSP_ERROR
-  std::atomic<uint64_t> eopnotsupp{0};   // answered BLKIF_RSP_EOPNOTSUPP
+  std::atomic<uint64_t> errors{0};      // answered BLKIF_RSP_ERROR
+  std::atomic<uint64_t> eopnotsupp{0};  // answered BLKIF_RSP_EOPNOTSUPP
   std::atomic<uint64_t> wakeups{0};
   std::atomic<uint64_t> notifications{0};  // event-channel kicks sent
   std::atomic<uint64_t> grant_maps{0};     // GrantTable::Map calls
   std::atomic<uint64_t> persistent_hits{0};
   std::atomic<uint64_t> persistent_evictions{0};
-  std::atomic<uint64_t> max_batch{0};      // most requests taken in one pass
+  std::atomic<uint64_t> max_batch{0};  // most requests taken in one pass
 };
 
 class RingServer {

@@ -29,8 +29,8 @@ struct Result {
   uint64_t max_batch = 0;
 };
 
-int Run(xen::SimHypervisor& hv, xen::XenPlatform& platform, xen::SimGuest& guest, bool persistent,
-        uint8_t op, double seconds, uint32_t depth, Result* out) {
+int Run(xen::SimHypervisor& hv, xen::XenPlatform& platform, xen::SimGuest& guest, bool persistent, uint8_t op,
+        double seconds, uint32_t depth, Result* out) {
   const uint32_t kPages = 64;
   std::vector<uint8_t*> ring_pages;
   std::vector<xen::GrantRef> ring_refs;
@@ -129,12 +129,12 @@ int main(int argc, char** argv) {
     for (uint8_t op : {backend::kOpRead, backend::kOpWrite}) {
       backend::Result r;
       if (backend::Run(**hv, *platform, **guest, persistent, op, seconds, depth, &r) != 0) return 1;
-      std::printf("%-28s %12.0f %14.3f %14.3f %12.3f %10lu\n",
-                  (std::string(op == backend::kOpRead ? "read" : "write") +
-                   (persistent ? " persistent" : " map-per-request"))
-                      .c_str(),
-                  r.iops, r.backend_kicks_per_req, r.guest_kicks_per_req, r.maps_per_req,
-                  static_cast<unsigned long>(r.max_batch));
+      std::printf(
+          "%-28s %12.0f %14.3f %14.3f %12.3f %10lu\n",
+          (std::string(op == backend::kOpRead ? "read" : "write") + (persistent ? " persistent" : " map-per-request"))
+              .c_str(),
+          r.iops, r.backend_kicks_per_req, r.guest_kicks_per_req, r.maps_per_req,
+          static_cast<unsigned long>(r.max_batch));
     }
   }
   return 0;

@@ -2,11 +2,10 @@
 // frontend through the sim guest API (same process, real shared pages).
 #include "backend/ring_server.h"
 
-#include <poll.h>
-#include <unistd.h>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
@@ -46,8 +45,8 @@ class TestFront {
       pages.push_back(guest_.Page(page));
       refs_.push_back(*guest_.GrantAccess(page, xen::kDom0, false));
     }
-    ring_ = std::make_unique<xen::FrontRing>(
-        pages, abi == Abi::kX86_32 ? xen::BlkifAbi::kX86_32 : xen::BlkifAbi::kX86_64);
+    ring_ =
+        std::make_unique<xen::FrontRing>(pages, abi == Abi::kX86_32 ? xen::BlkifAbi::kX86_32 : xen::BlkifAbi::kX86_64);
     evtchn_ = std::move(guest_.OpenEventChannel()).value();
     port_ = *evtchn_->BindUnbound(xen::kDom0);
   }
@@ -138,7 +137,8 @@ class RingServerTest : public ::testing::Test {
     ASSERT_TRUE(hv.ok()) << hv.status().ToString();
     hv_ = std::move(hv).value();
     platform_ = hv_->NewPlatform();
-    auto guest = xen::SimGuest::Connect(hv_->socket_path(), {.domid = kGuest, .ram_pages = 2048, .grant_entries = 4096});
+    auto guest =
+        xen::SimGuest::Connect(hv_->socket_path(), {.domid = kGuest, .ram_pages = 2048, .grant_entries = 4096});
     ASSERT_TRUE(guest.ok()) << guest.status().ToString();
     guest_ = std::move(guest).value();
   }
@@ -206,8 +206,7 @@ TEST_P(RingServerAbiTest, WritesAndReadsThroughGuestPages) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AbisAndRingPages, RingServerAbiTest,
-                         ::testing::Combine(::testing::Values(Abi::kX86_64, Abi::kX86_32),
-                                            ::testing::Values(1u, 4u)));
+                         ::testing::Combine(::testing::Values(Abi::kX86_64, Abi::kX86_32), ::testing::Values(1u, 4u)));
 
 TEST_F(RingServerTest, BatchOfRequestsNeedsFewNotifications) {
   auto dev = std::make_shared<MemBlockDevice>();
@@ -233,7 +232,7 @@ TEST_F(RingServerTest, BadRequestsAreAnsweredAndTheRingGoesOn) {
   auto page = front.DataPage();
   BlkifRequest unknown = Rw(9, 1, 0, {page.second});
   front.Queue(unknown);
-  front.Queue(Rw(kOpRead, 2, 2048, {page.second}));           // past the end
+  front.Queue(Rw(kOpRead, 2, 2048, {page.second}));               // past the end
   front.Queue(Rw(kOpRead, 3, 0, {guest_->grant_entries() + 5}));  // bogus gref
   BlkifRequest bad_sect = Rw(kOpRead, 4, 0, {page.second});
   bad_sect.seg[0].first_sect = 6;

@@ -9,13 +9,20 @@ namespace {
 
 std::string OpName(uint8_t op) {
   switch (op) {
-    case kOpRead: return "READ";
-    case kOpWrite: return "WRITE";
-    case kOpWriteBarrier: return "WRITE_BARRIER";
-    case kOpFlushDiskcache: return "FLUSH_DISKCACHE";
-    case kOpDiscard: return "DISCARD";
-    case kOpIndirect: return "INDIRECT";
-    default: return fmt::format("operation {}", op);
+    case kOpRead:
+      return "READ";
+    case kOpWrite:
+      return "WRITE";
+    case kOpWriteBarrier:
+      return "WRITE_BARRIER";
+    case kOpFlushDiskcache:
+      return "FLUSH_DISKCACHE";
+    case kOpDiscard:
+      return "DISCARD";
+    case kOpIndirect:
+      return "INDIRECT";
+    default:
+      return fmt::format("operation {}", op);
   }
 }
 
@@ -33,7 +40,8 @@ Status Unsupported(const BlockRequest& r, std::string_view what) {
 
 Status CheckLimits(const DeviceLimits& limits) {
   if (!IsPowerOfTwo(limits.sector_size) || limits.sector_size < 512 || limits.sector_size > kPageSize) {
-    return Status::Internal(fmt::format("device sector size {} is not a power of two in 512..4096", limits.sector_size));
+    return Status::Internal(
+        fmt::format("device sector size {} is not a power of two in 512..4096", limits.sector_size));
   }
   if (limits.max_indirect_segments > kMaxIndirectSegmentsWire) {
     return Status::Internal(fmt::format("max indirect segments {} exceeds the wire maximum {}",
@@ -48,8 +56,8 @@ Status CheckRange(const BlockRequest& r, const DeviceLimits& limits, uint64_t se
                   uint64_t* offset_bytes, uint64_t* length_bytes) {
   uint64_t end_sector;
   if (!CheckedAdd(sector, count, &end_sector) || end_sector > limits.sectors) {
-    return Status::OutOfRange(fmt::format("{} id={}: sectors [{}, +{}) are outside the disk of {} sectors",
-                                          OpName(r), r.id, sector, count, limits.sectors));
+    return Status::OutOfRange(fmt::format("{} id={}: sectors [{}, +{}) are outside the disk of {} sectors", OpName(r),
+                                          r.id, sector, count, limits.sectors));
   }
   // end_sector <= sectors and sectors * sector_size is the disk size in
   // bytes, which the device reported as a uint64_t, so these cannot overflow
@@ -57,8 +65,7 @@ Status CheckRange(const BlockRequest& r, const DeviceLimits& limits, uint64_t se
   if (!CheckedMul<uint64_t>(sector, limits.sector_size, offset_bytes) ||
       !CheckedMul<uint64_t>(count, limits.sector_size, length_bytes) ||
       !RangeWithin(*offset_bytes, *length_bytes, UINT64_MAX)) {
-    return Status::OutOfRange(fmt::format("{} id={}: sector {} overflows a byte offset", OpName(r),
-                                          r.id, sector));
+    return Status::OutOfRange(fmt::format("{} id={}: sector {} overflows a byte offset", OpName(r), r.id, sector));
   }
   return Status::Ok();
 }
@@ -75,8 +82,7 @@ Status ValidateDiscard(const Request& request, const DeviceLimits& limits, Block
   if (limits.read_only) return Status::ReadOnly(fmt::format("DISCARD id={}: the device is read-only", out->id));
   out->op = BlockOp::kDiscard;
   out->sector_number = request.sector_number;
-  return CheckRange(*out, limits, request.sector_number, request.nr_sectors, &out->offset_bytes,
-                    &out->length_bytes);
+  return CheckRange(*out, limits, request.sector_number, request.nr_sectors, &out->offset_bytes, &out->length_bytes);
 }
 
 Status ValidateIndirect(const Request& request, const DeviceLimits& limits, BlockRequest* out) {
@@ -88,8 +94,8 @@ Status ValidateIndirect(const Request& request, const DeviceLimits& limits, Bloc
     return Invalid(*out, fmt::format("indirect_op {} is not READ or WRITE", request.indirect_op));
   }
   if (request.nr_segments == 0 || request.nr_segments > limits.max_indirect_segments) {
-    return Invalid(*out, fmt::format("nr_segments {} is outside 1..{}", request.nr_segments,
-                                     limits.max_indirect_segments));
+    return Invalid(*out,
+                   fmt::format("nr_segments {} is outside 1..{}", request.nr_segments, limits.max_indirect_segments));
   }
   out->op = request.indirect_op == kOpRead ? BlockOp::kRead : BlockOp::kWrite;
   if (out->op == BlockOp::kWrite && limits.read_only) {
@@ -102,8 +108,8 @@ Status ValidateIndirect(const Request& request, const DeviceLimits& limits, Bloc
   // The start sector alone must already be inside the disk; the full range
   // is checked once the descriptors are read.
   if (request.sector_number >= limits.sectors) {
-    return Status::OutOfRange(fmt::format("INDIRECT id={}: start sector {} is outside the disk of {} sectors",
-                                          out->id, request.sector_number, limits.sectors));
+    return Status::OutOfRange(fmt::format("INDIRECT id={}: start sector {} is outside the disk of {} sectors", out->id,
+                                          request.sector_number, limits.sectors));
   }
   return Status::Ok();
 }

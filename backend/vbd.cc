@@ -1,12 +1,11 @@
 #include "backend/vbd.h"
 
+#include <fmt/format.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cstring>
@@ -52,9 +51,10 @@ Status Vbd::Init() {
 
   auto frontend = read("frontend");
   if (!frontend.ok()) {
-    return frontend.status().Annotate(fmt::format("{}: backend directory {} has no usable 'frontend' key "
-                                                  "(did the toolstack create the device?)",
-                                                  name_, backend_path_));
+    return frontend.status().Annotate(
+        fmt::format("{}: backend directory {} has no usable 'frontend' key "
+                    "(did the toolstack create the device?)",
+                    name_, backend_path_));
   }
   frontend_path_ = *frontend;
   COWTAP_ASSIGN_OR_RETURN(std::string id_text, read("frontend-id"));

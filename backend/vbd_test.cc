@@ -3,10 +3,9 @@
 // and a crude frontend that writes malformed keys.
 #include "backend/vbd.h"
 
-#include <unistd.h>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstring>
@@ -40,7 +39,8 @@ class VbdTest : public ::testing::Test {
     hv_ = std::move(hv).value();
     platform_ = hv_->NewPlatform();
     xs_ = std::move(platform_->OpenXenStore()).value();
-    auto guest = xen::SimGuest::Connect(hv_->socket_path(), {.domid = kGuest, .ram_pages = 4096, .grant_entries = 8192});
+    auto guest =
+        xen::SimGuest::Connect(hv_->socket_path(), {.domid = kGuest, .ram_pages = 4096, .grant_entries = 8192});
     ASSERT_TRUE(guest.ok()) << guest.status().ToString();
     guest_ = std::move(guest).value();
     device_ = std::make_shared<MemBlockDevice>(MemBlockDeviceOptions{.size_bytes = 8 << 20});
@@ -171,8 +171,11 @@ TEST_F(VbdTest, HandshakeConnectsAndServesData) {
 TEST_F(VbdTest, X86_32SinglePageLegacyFrontend) {
   AddVbd();
   AttachVbd();
-  AttachFront({.abi = xen::BlkifAbi::kX86_32, .max_ring_page_order = 0, .max_queues = 1,
-               .persistent_grants = false, .max_indirect_segments = 0});
+  AttachFront({.abi = xen::BlkifAbi::kX86_32,
+               .max_ring_page_order = 0,
+               .max_queues = 1,
+               .persistent_grants = false,
+               .max_indirect_segments = 0});
   EXPECT_EQ(front_->device().ring_page_order, 0u);
   std::vector<uint8_t> out(4096, 0x3c), in(4096);
   EXPECT_EQ(Io(xen::BlkOp::kWrite, 8, 8, out.data()), 0);
@@ -286,9 +289,10 @@ TEST_F(VbdTest, GrantRevokedBeforePushFailsOnlyThatRequest) {
   AttachVbd();
   AttachFront({.max_queues = 1, .persistent_grants = false});
   std::vector<uint8_t> buf(4096, 0x31);
-  ASSERT_TRUE(front_->SubmitThenRevoke({.op = xen::BlkOp::kWrite, .sector = 0, .nr_sectors = 8,
-                                        .buffer = buf.data(), .cookie = 77},
-                                       /*before_push=*/true)
+  ASSERT_TRUE(front_
+                  ->SubmitThenRevoke(
+                      {.op = xen::BlkOp::kWrite, .sector = 0, .nr_sectors = 8, .buffer = buf.data(), .cookie = 77},
+                      /*before_push=*/true)
                   .ok());
   std::vector<xen::BlkCompletion> done;
   for (int i = 0; i < 100 && done.empty(); ++i) ASSERT_TRUE(front_->Poll(&done, 50).ok());
