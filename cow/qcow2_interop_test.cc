@@ -125,6 +125,14 @@ TEST_F(Qcow2InteropTest, QemuConvertedImagesReadBackIdentical) {
     auto r = CheckImage(img, ck);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     EXPECT_EQ(r->ExitCode(), 0) << (r->messages.empty() ? "" : r->messages[0]);
+    // The statistics agree with qemu-img check's.
+    ASSERT_EQ(Shell("qemu-img check --output=json '" + img + "'", &msg), 0) << msg;
+    auto j = nlohmann::json::parse(msg, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << msg;
+    EXPECT_EQ(j.value("allocated-clusters", uint64_t{0}), r->allocated_clusters);
+    EXPECT_EQ(j.value("total-clusters", uint64_t{0}), r->total_clusters);
+    EXPECT_EQ(j.value("fragmented-clusters", uint64_t{0}), r->fragmented_clusters);
+    EXPECT_EQ(j.value("image-end-offset", uint64_t{0}), r->image_end_offset);
   }
 }
 

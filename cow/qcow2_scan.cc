@@ -51,7 +51,6 @@ class Scanner {
     COWTAP_RETURN_IF_ERROR(file_.ReadAt(l1_offset, l1));
     std::vector<uint8_t> l2(cs_);
     const bool data_file = h_.has_data_file();
-    uint64_t next_contiguous = 0;
     for (uint64_t i = 0; i < l1_size; ++i) {
       uint64_t raw = LoadBe64(&l1[i * 8]);
       auto l2off = DecodeQcow2L1Entry(raw, h_, l1_offset + i * 8, path_);
@@ -66,6 +65,7 @@ class Scanner {
         continue;
       }
       Ref(*l2off, cs_, "L2 table");
+      uint64_t next_contiguous = 0;  // qemu-img measures contiguity per L2 table
       COWTAP_RETURN_IF_ERROR(file_.ReadAt(*l2off, l2));
       const uint64_t eb = h_.l2_entry_bytes();
       for (uint64_t j = 0; j < h_.l2_entries(); ++j) {
@@ -81,8 +81,11 @@ class Scanner {
             auto d = DecodeQcow2Compressed(e.raw, h_.cluster_bits);
             Ref(d.host_offset, d.max_length, "compressed cluster");
             if (active) {
+              // As qemu-img counts them: compressed clusters are fragmented
+              // by nature (sub-sector streams are re-read per cluster).
               ++r_.allocated_clusters;
               ++r_.compressed_clusters;
+              ++r_.fragmented_clusters;
             }
             break;
           }
