@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "backend/mem_block_device.h"
+#include "cow/image.h"
 #include "xen-glue/blkfront.h"
 #include "xen-glue/sim.h"
 
@@ -301,6 +302,74 @@ TEST_F(VbdTest, GrantRevokedBeforePushFailsOnlyThatRequest) {
   EXPECT_EQ(done[0].status, -1);
   std::vector<uint8_t> in(4096);
   EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
+}
+
+// The whole stack: guest -> ring -> Vbd -> image adapter -> qcow2 overlay
+// over a raw base the guest must never modify.
+TEST_F(VbdTest, ServesQcow2OverlayOverReadOnlyBase) {
+  auto fs = cow::NewMemFileSystem();
+  auto open_options = [&](std::optional<cow::ImageFormat> format, bool read_only) {
+    cow::OpenOptions o;
+    o.format = format;
+    o.read_only = read_only;
+    o.fs = fs.get();
+    return o;
+  };
+  cow::CreateOptions base_opts;
+  base_opts.format = cow::ImageFormat::kRaw;
+  base_opts.size_bytes = 4 << 20;
+  base_opts.fs = fs.get();
+  ASSERT_TRUE(cow::CreateImage("base.raw", base_opts).ok());
+  std::vector<uint8_t> pattern(1 << 20);
+  for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<uint8_t>(i / 512 + 1);
+  {
+    auto base = cow::OpenImage("base.raw", open_options(cow::ImageFormat::kRaw, false));
+    ASSERT_TRUE(base.ok()) << base.status().ToString();
+    iovec iov[] = {MakeIoVec(pattern.data(), pattern.size())};
+    ASSERT_TRUE((*base)->Write(0, iov).ok());
+    ASSERT_TRUE((*base)->Close().ok());
+  }
+  cow::CreateOptions overlay_opts;
+  overlay_opts.format = cow::ImageFormat::kQcow2;
+  overlay_opts.backing_file = "base.raw";
+  overlay_opts.backing_format = cow::ImageFormat::kRaw;
+  overlay_opts.fs = fs.get();
+  ASSERT_TRUE(cow::CreateImage("overlay.qcow2", overlay_opts).ok());
+  auto overlay = cow::OpenImage("overlay.qcow2", open_options(std::nullopt, false));
+  ASSERT_TRUE(overlay.ok()) << overlay.status().ToString();
+  std::shared_ptr<cow::Image> image = std::move(overlay).value();
+
+  AddVbd();
+  VbdOptions options;
+  options.frontend_domid = kGuest;
+  options.devid = kDevid;
+  auto vbd = Vbd::Attach(*platform_, options, NewImageBlockDevice(image));
+  ASSERT_TRUE(vbd.ok()) << vbd.status().ToString();
+  vbd_ = std::move(vbd).value();
+  AttachFront();
+  EXPECT_EQ(Be("sectors"), std::to_string((4 << 20) / 512));
+  EXPECT_EQ(Be("physical-sector-size"), "4096");
+  EXPECT_EQ(Be("discard-granularity"), "65536");
+
+  std::vector<uint8_t> in(64 * 1024);
+  ASSERT_EQ(Io(xen::BlkOp::kRead, 0, 128, in.data()), 0);
+  EXPECT_TRUE(std::equal(in.begin(), in.end(), pattern.begin())) << "reads fall through to the base";
+  std::vector<uint8_t> out(8 * 512, 0xee);
+  ASSERT_EQ(Io(xen::BlkOp::kWrite, 3, 8, out.data()), 0);  // unaligned: copy-up around it
+  ASSERT_EQ(Io(xen::BlkOp::kFlush, 0, 0, nullptr), 0);
+  ASSERT_EQ(Io(xen::BlkOp::kRead, 0, 128, in.data()), 0);
+  std::vector<uint8_t> expect(pattern.begin(), pattern.begin() + in.size());
+  std::fill(expect.begin() + 3 * 512, expect.begin() + 11 * 512, 0xee);
+  EXPECT_EQ(in, expect);
+
+  ASSERT_TRUE(front_->Disconnect().ok());
+  vbd_.reset();
+  auto base = cow::OpenImage("base.raw", open_options(cow::ImageFormat::kRaw, true));
+  ASSERT_TRUE(base.ok());
+  std::vector<uint8_t> base_now(64 * 1024);
+  iovec iov[] = {MakeIoVec(base_now.data(), base_now.size())};
+  ASSERT_TRUE((*base)->Read(0, iov).ok());
+  EXPECT_TRUE(std::equal(base_now.begin(), base_now.end(), pattern.begin())) << "the base is never written";
 }
 
 // A crude frontend: writes its keys by hand through the guest's xenstore.
