@@ -103,6 +103,53 @@ class Qcow2InteropTest : public ::testing::Test {
     EXPECT_EQ(Shell("qemu-img check '" + path + "'", &msg), 0) << msg;
   }
 
+  // Map() against `qemu-img map --output=json`, per 4 KiB block: data and
+  // zero flags, the depth of data, and the host offset of this layer's data.
+  void ExpectMapMatchesQemu(const std::string& path) {
+    std::string msg;
+    ASSERT_EQ(Shell("qemu-img map --output=json '" + path + "'", &msg), 0) << msg;
+    auto j = nlohmann::json::parse(msg, nullptr, false);
+    ASSERT_TRUE(j.is_array()) << msg;
+    OpenOptions oo;
+    oo.read_only = true;
+    auto img = OpenImage(path, oo);
+    ASSERT_TRUE(img.ok());
+    auto ours = (*img)->Map(0, (*img)->size_bytes());
+    ASSERT_TRUE(ours.ok()) << ours.status().ToString();
+    struct Block {
+      bool data = false, zero = false;
+      int depth = 0;
+      int64_t offset = -1;
+    };
+    const uint64_t n = (*img)->size_bytes() / 4096;
+    std::vector<Block> want(n), got(n);
+    for (const auto& e : j) {
+      for (uint64_t b = e["start"].get<uint64_t>() / 4096; b < (e["start"].get<uint64_t>() + e["length"].get<uint64_t>()) / 4096 && b < n; ++b) {
+        want[b].data = e["data"];
+        want[b].zero = e["zero"];
+        want[b].depth = want[b].data ? e["depth"].get<int>() : 0;
+        if (want[b].data && want[b].depth == 0 && e.contains("offset"))
+          want[b].offset = e["offset"].get<int64_t>() + static_cast<int64_t>(b * 4096 - e["start"].get<uint64_t>());
+      }
+    }
+    for (const auto& e : *ours) {
+      for (uint64_t b = e.offset / 4096; b < (e.offset + e.length) / 4096 && b < n; ++b) {
+        got[b].data = e.data;
+        got[b].zero = e.zero;
+        got[b].depth = e.data ? e.depth : 0;
+        if (e.data && e.depth == 0 && e.host_offset)
+          got[b].offset = static_cast<int64_t>(*e.host_offset + b * 4096 - e.offset);
+      }
+    }
+    for (uint64_t b = 0; b < n; ++b) {
+      EXPECT_EQ(want[b].data, got[b].data) << "block " << b;
+      EXPECT_EQ(want[b].zero, got[b].zero) << "block " << b;
+      EXPECT_EQ(want[b].depth, got[b].depth) << "block " << b;
+      EXPECT_EQ(want[b].offset, got[b].offset) << "block " << b;
+      if (HasFailure()) return;
+    }
+  }
+
   std::string dir_;
 };
 
@@ -121,6 +168,7 @@ TEST_F(Qcow2InteropTest, QemuConvertedImagesReadBackIdentical) {
     fsys::remove(img);
     ASSERT_EQ(Shell("qemu-img convert -O qcow2 " + v + " '" + src + "' '" + img + "'", &msg), 0) << msg;
     EXPECT_TRUE(CowtapRead(img) == want);
+    if (v.find("data_file") == std::string::npos) ExpectMapMatchesQemu(img);
     CheckOptions ck;
     auto r = CheckImage(img, ck);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -146,6 +194,7 @@ TEST_F(Qcow2InteropTest, ZeroClustersSnapshotsAndBackingFromQemu) {
   ASSERT_EQ(Shell("qemu-img snapshot -c snap1 '" + top + "'", &msg), 0) << msg;
   ASSERT_EQ(Shell("qemu-io -c 'write -P 0x55 0 256k' -c 'discard 1M 64k' '" + top + "'", &msg), 0) << msg;
   EXPECT_TRUE(CowtapRead(top) == QemuRead(top));
+  ExpectMapMatchesQemu(top);
   auto snap_want = QemuRead(top, "snap1");
   EXPECT_TRUE(CowtapRead(top, "snap1") == snap_want);
 
