@@ -126,7 +126,9 @@ Result<CheckResult> CheckQcow2Image(File& file, const std::string& path, const C
   COWTAP_RETURN_IF_ERROR(refcounts->FlushDirty());
   COWTAP_RETURN_IF_ERROR(file.Flush());
   if (fix_all) {
-    for (const auto& f : first.copied) {
+    // COPIED flags are judged against the repaired refcounts.
+    COWTAP_ASSIGN_OR_RETURN(Pass mid, RunPass(file, path));
+    for (const auto& f : mid.copied) {
       uint8_t b[8];
       StoreBe64(b, f.value);
       COWTAP_RETURN_IF_ERROR(file.WriteAt(f.entry_offset, b));

@@ -410,6 +410,39 @@ TEST_F(Qcow2EngineTest, CheckRepairsLeaks) {
   EXPECT_EQ(r->ExitCode(), 0);
 }
 
+TEST_F(Qcow2EngineTest, CheckRepairAllFixesMissingRefcountsAndCopiedFlags) {
+  uint64_t l2 = ImageWithOneCluster("a.qcow2");
+  uint64_t data = Peek64("a.qcow2", l2) & kQcow2OffsetMask;
+  {
+    auto img = Open("a.qcow2");
+    auto* q = dynamic_cast<Qcow2Image*>(img.get());
+    ASSERT_TRUE(q->refcounts()->Set(data / 65536, 0).ok());  // referenced but free
+    ASSERT_TRUE(img->Close().ok());
+  }
+  Poke64("a.qcow2", l2, data);  // COPIED flag dropped from the L2 entry
+  CheckOptions ck;
+  ck.fs = fs_.get();
+  auto before = CheckImage("a.qcow2", ck);
+  ASSERT_TRUE(before.ok());
+  EXPECT_EQ(before->ExitCode(), 2);
+  EXPECT_GE(before->corruptions, 1u);
+  ck.repair_leaks = true;  // leaks-only repair leaves corruptions alone
+  auto leaks_only = CheckImage("a.qcow2", ck);
+  ASSERT_TRUE(leaks_only.ok());
+  EXPECT_EQ(leaks_only->ExitCode(), 2);
+  ck.repair_all = true;
+  auto fixed = CheckImage("a.qcow2", ck);
+  ASSERT_TRUE(fixed.ok()) << fixed.status().ToString();
+  EXPECT_GE(fixed->corruptions_fixed, 1u);
+  EXPECT_EQ(fixed->ExitCode(), 0);
+  EXPECT_EQ(CheckExit("a.qcow2"), 0);
+  EXPECT_NE(Peek64("a.qcow2", l2) & kQcow2Copied, 0u);
+  auto img = Open("a.qcow2", true);
+  auto r = Read(*img, 0, 65536);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)[65535], 0xab);
+}
+
 TEST_F(Qcow2EngineTest, CheckNotSupportedForRaw) {
   Create("a.raw", 1 << 20, [](CreateOptions& c) { c.format = ImageFormat::kRaw; });
   EXPECT_EQ(CheckExit("a.raw"), 63);
