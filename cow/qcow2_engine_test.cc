@@ -5,6 +5,9 @@
 // rules, Map(), the remap cache, and the external data file.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "base/endian.h"
 #include "cow/check.h"
 #include "cow/image.h"
@@ -441,6 +444,54 @@ TEST_F(Qcow2EngineTest, CheckRepairAllFixesMissingRefcountsAndCopiedFlags) {
   auto r = Read(*img, 0, 65536);
   ASSERT_TRUE(r.ok());
   EXPECT_EQ((*r)[65535], 0xab);
+}
+
+TEST_F(Qcow2EngineTest, ConcurrentWritersAndReadersOnDisjointRanges) {
+  Create("base.qcow2", 8 << 20);
+  {
+    auto base = Open("base.qcow2");
+    ASSERT_TRUE(Write(*base, 0, 8 << 20, 0x10).ok());
+  }
+  Create("top.qcow2", 8 << 20, [](CreateOptions& c) {
+    c.backing_file = "base.qcow2";
+    c.cluster_size = 4096;
+  });
+  auto img = Open("top.qcow2");
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      const uint64_t region = uint64_t(t) * (2 << 20);
+      for (int i = 0; i < 200; ++i) {
+        uint64_t off = region + (uint64_t(i) * 7919 % 500) * 4096 + 100;
+        std::vector<uint8_t> b(3000, static_cast<uint8_t>(0x20 + t));
+        iovec v = MakeIoVec(b.data(), b.size());
+        if (!img->Write(off, {&v, 1}).ok()) ++failures;
+        std::vector<uint8_t> r(3000);
+        iovec rv = MakeIoVec(r.data(), r.size());
+        if (!img->Read(off, {&rv, 1}).ok() || r != b) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  ASSERT_TRUE(img->Close().ok());
+  EXPECT_EQ(CheckExit("top.qcow2"), 0);
+}
+
+TEST_F(Qcow2EngineTest, L2CacheSizeFollowsOptionsAndImage) {
+  Create("a.qcow2", 1ull << 30);
+  OpenOptions oo;
+  oo.fs = fs_.get();
+  oo.l2_cache_bytes = 64 << 10;
+  auto small = OpenImage("a.qcow2", oo);
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(dynamic_cast<Qcow2Image*>(small->get())->l2_cache_bytes(), 64u << 10);
+  small->reset();
+  oo.l2_cache_bytes = 0;  // default: enough to map the whole image (1 GiB: 128 KiB of L2)
+  auto dflt = OpenImage("a.qcow2", oo);
+  ASSERT_TRUE(dflt.ok());
+  EXPECT_EQ(dynamic_cast<Qcow2Image*>(dflt->get())->l2_cache_bytes(), 128u << 10);
 }
 
 TEST_F(Qcow2EngineTest, CheckNotSupportedForRaw) {
