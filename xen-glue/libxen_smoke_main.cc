@@ -117,7 +117,19 @@ void GrantChecks(XenPlatform& platform) {
       m->reset();
     }
     uint32_t bad[] = {refs[0] + 100000};
-    Check(!(*gt)->Map(0, bad, false).ok(), "map of a bogus ref fails");
+    auto bogus = (*gt)->Map(0, bad, false);
+    Check(!bogus.ok(), "map of a bogus ref fails (" + bogus.status().ToString() + ")");
+    uint32_t ro_ref[1];
+    void* ro = xengntshr_share_pages(shr, 0, 1, ro_ref, 0);
+    Check(ro != nullptr, "share a page read-only");
+    if (ro != nullptr) {
+      auto rw = (*gt)->Map(0, ro_ref, true);
+      Check(!rw.ok(), "writable map of a read-only grant fails (" + rw.status().ToString() + ")");
+      auto r = (*gt)->Map(0, ro_ref, false);
+      Check(r.ok(), "read-only map of a read-only grant", r.status());
+      r = cowtap::Status::Cancelled("unmapped");
+      xengntshr_unshare(shr, ro, 1);
+    }
     uint8_t buf[64] = {};
     GrantCopyOp op{GrantCopyOp::Direction::kFromGuest, 0, refs[1], 100, 64, buf, {}};
     cowtap::Status s = (*gt)->Copy({&op, 1});

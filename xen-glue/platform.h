@@ -83,7 +83,10 @@ class GrantTable {
   // Fails — with nothing left mapped — if refs is empty or larger than
   // kMaxMapBatch, or any ref is out of the guest's table, not in use, not
   // granted to this domain, or read-only while writable was asked, or the
-  // domain is dead. The message names the domain and the offending ref.
+  // domain is dead. The message names the domain and the offending ref
+  // (libxen: the first ref of the batch — Xen's gntdev reports EINVAL for
+  // every refused ref, so only the sim's error codes tell the reasons apart;
+  // callers treat any failure as the request's failure).
   // While mapped, the granting guest cannot end access to those refs (as in
   // Xen); the mapping stays valid memory even if the guest dies.
   virtual Result<std::unique_ptr<GrantMapping>> Map(DomId domid, std::span<const GrantRef> refs,
