@@ -773,6 +773,24 @@ TEST_F(QcowTest, RandomMetadataDamageNeverCrashes) {
   EXPECT_GT(opened, 50);  // most damage lands in L2 tables and is found at run time
 }
 
+TEST_F(QcowTest, GrowsTheFileAheadInLargeStepsNotPerCluster) {
+  Create("/a.qcow", ImageFormat::kQcow, 8 * kMiB);
+  FaultInjectingFileSystem ffs(fs_.get());
+  auto control = ffs.Target("/a.qcow");
+  OpenOptions o = Opts();
+  o.fs = &ffs;
+  auto img = Open("/a.qcow", o);
+  const auto chunk = Pattern(64 * 1024, 1);
+  for (uint64_t off = 0; off < 4 * kMiB; off += chunk.size()) ASSERT_TRUE(Write(*img, off, chunk).ok());
+  const FaultCounters c = control->counters();
+  // 1024 clusters and two L2 tables appended: a handful of 1 MiB reservations,
+  // and one data write per 64 KiB request (copy-up merged, clusters batched).
+  EXPECT_GE(c.allocates, 4u);
+  EXPECT_LE(c.allocates, 6u);
+  EXPECT_EQ(c.writes, 64u);
+  EXPECT_EQ(c.flushes, 0u);  // durability waits for Flush()
+}
+
 // --- Crash consistency -----------------------------------------------------
 
 // Writes over a backing file, flushes, writes more, then cuts the power at
