@@ -204,7 +204,18 @@ void Vbd::Evaluate() {
       break;
     case XenbusState::kInitialised:
     case XenbusState::kConnected:
-      if (ours == XenbusState::kInitWait) {
+      if (ours == XenbusState::kClosed) {
+        // A frontend that reconnected faster than we looked: its
+        // Initialising and Initialised coalesced into one watch event.
+        {
+          std::lock_guard lock(mu_);
+          last_error_.clear();
+        }
+        store_->Remove(xen::XsJoin(backend_path_, "error")).IgnoreError();
+        SetState(XenbusState::kInitWait).IgnoreError();
+        Status s = Connect();
+        if (!s.ok()) Fail(s);
+      } else if (ours == XenbusState::kInitWait) {
         Status s = Connect();
         if (!s.ok()) Fail(s);
       }

@@ -220,6 +220,23 @@ TEST_F(VbdTest, CloseReleasesEverythingAndReconnectServesAgain) {
   EXPECT_EQ(in, buf);
 }
 
+TEST_F(VbdTest, ReconnectFasterThanTheWatchIsServed) {
+  AddVbd();
+  AttachVbd();
+  AttachFront();
+  ASSERT_TRUE(front_->Disconnect().ok());
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosed; }));
+  // Frontend goes Initialising -> Initialised in one go, as a crude
+  // frontend that does not wait for InitWait would (the events coalesce).
+  front_.reset();
+  AttachFront({.wait_for_initwait = false});
+  EXPECT_EQ(vbd_->state(), XenbusState::kConnected);
+  std::vector<uint8_t> buf(4096, 0x19), in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
+  EXPECT_EQ(in, buf);
+}
+
 TEST_F(VbdTest, GuestDeathTearsDown) {
   AddVbd();
   AttachVbd();
