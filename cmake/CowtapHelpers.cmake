@@ -17,7 +17,20 @@ function(cowtap_library name)
       target_link_libraries(${name}_test PRIVATE ${name} ${ARG_TEST_DEPS} GTest::gmock GTest::gtest_main)
       gtest_discover_tests(${name}_test
         DISCOVERY_TIMEOUT 60
-        PROPERTIES LABELS "unit;${ARG_LABELS}" ENVIRONMENT "COWTAP_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+        PROPERTIES ENVIRONMENT "COWTAP_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+      cowtap_label_discovered_tests(${name}_test unit ${ARG_LABELS})
     endif()
   endif()
+endfunction()
+
+# cowtap_label_discovered_tests(TARGET LABEL...): gtest_discover_tests cannot
+# pass a list-valued LABELS property (it splits PROPERTIES on ';'), so label
+# the discovered tests from an include file that ctest reads after the
+# discovery file, where the list of tests is known as TARGET_TESTS.
+function(cowtap_label_discovered_tests target)
+  set(file ${CMAKE_CURRENT_BINARY_DIR}/${target}_labels.cmake)
+  list(JOIN ARGN ";" labels)
+  file(WRITE ${file}
+    "if(${target}_TESTS)\n  set_tests_properties(\${${target}_TESTS} PROPERTIES LABELS \"${labels}\")\nendif()\n")
+  set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES ${file})
 endfunction()
