@@ -37,7 +37,7 @@ Status DecompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out, const
     size_t before_in = ib.pos, before_out = ob.pos;
     rc = ZSTD_decompressStream(ctx, &ob, &ib);
     if (ZSTD_isError(rc)) break;
-    if (rc == 0) break;  // frame complete
+    if (rc == 0) break;                                      // frame complete
     if (ib.pos == before_in && ob.pos == before_out) break;  // no progress: input exhausted
   }
   ZSTD_freeDCtx(ctx);
@@ -54,8 +54,10 @@ Status DecompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out, const
 Status DecompressCluster(CompressionType type, std::span<const uint8_t> input, std::span<uint8_t> out,
                          const std::string& what) {
   switch (type) {
-    case CompressionType::kDeflate: return InflateRaw(input, out, what);
-    case CompressionType::kZstd: return DecompressZstd(input, out, what);
+    case CompressionType::kDeflate:
+      return InflateRaw(input, out, what);
+    case CompressionType::kZstd:
+      return DecompressZstd(input, out, what);
   }
   return Status::NotSupported(what + ": unknown compression type");
 }

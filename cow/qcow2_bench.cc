@@ -75,8 +75,8 @@ int Run(const std::string& dir) {
     fdatasync(fd);
     double r = MsSince(t);
     close(fd);
-    std::printf("256 MiB sequential 64 KiB writes + flush: empty qcow2 %.0f ms, raw sparse %.0f ms, ratio %.2f\n", q,
-                r, q / r);
+    std::printf("256 MiB sequential 64 KiB writes + flush: empty qcow2 %.0f ms, raw sparse %.0f ms, ratio %.2f\n", q, r,
+                q / r);
   }
 
   {
@@ -114,8 +114,10 @@ int Run(const std::string& dir) {
     double r = MsSince(t);
     close(in);
     close(out);
-    std::printf("copy-up 4 KiB into each 64 KiB cluster over a 256 MiB raw base: %.0f ms; copying the raw base: "
-                "%.0f ms; ratio %.2f\n", q, r, q / r);
+    std::printf(
+        "copy-up 4 KiB into each 64 KiB cluster over a 256 MiB raw base: %.0f ms; copying the raw base: "
+        "%.0f ms; ratio %.2f\n",
+        q, r, q / r);
   }
 
   {

@@ -8,7 +8,9 @@
 namespace cowtap::cow {
 
 Qcow2MetadataCache::Qcow2MetadataCache(File* file, uint64_t entry_bytes, uint64_t max_entries, Writer writer)
-    : file_(file), entry_bytes_(entry_bytes), max_entries_(std::max<uint64_t>(2, max_entries)),
+    : file_(file),
+      entry_bytes_(entry_bytes),
+      max_entries_(std::max<uint64_t>(2, max_entries)),
       writer_(std::move(writer)) {}
 
 Result<Qcow2MetadataCache::Entry*> Qcow2MetadataCache::Slot(uint64_t offset, bool read) {

@@ -54,8 +54,8 @@ Result<Pass> RunPass(File& file, const std::string& path) {
     COWTAP_ASSIGN_OR_RETURN(uint64_t have, refcounts->Get(c));
     if (have || want) last_used = c + 1;
     if (have == want) continue;
-    std::string where = "cluster " + std::to_string(c) + " refcount=" + std::to_string(have) +
-                        " reference=" + std::to_string(want);
+    std::string where =
+        "cluster " + std::to_string(c) + " refcount=" + std::to_string(have) + " reference=" + std::to_string(want);
     if (have > want) {
       ++p.r.leaks;
       p.leaked.push_back(c);
@@ -121,8 +121,7 @@ Result<CheckResult> CheckQcow2Image(File& file, const std::string& path, const C
   refcounts->set_allocation_floor(std::max<uint64_t>(scan.refs.size(), DivRoundUp(file_size, h.cluster_size())));
   std::vector<uint64_t> fix = first.leaked;
   if (fix_all) fix.insert(fix.end(), first.missing.begin(), first.missing.end());
-  for (uint64_t c : fix)
-    COWTAP_RETURN_IF_ERROR(refcounts->Set(c, c < scan.refs.size() ? scan.refs[c] : 0));
+  for (uint64_t c : fix) COWTAP_RETURN_IF_ERROR(refcounts->Set(c, c < scan.refs.size() ? scan.refs[c] : 0));
   COWTAP_RETURN_IF_ERROR(refcounts->FlushDirty());
   COWTAP_RETURN_IF_ERROR(file.Flush());
   if (fix_all) {

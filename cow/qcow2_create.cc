@@ -17,13 +17,13 @@ Status CreateQcow2Image(const std::string& path, const CreateOptions& o, FileSys
   if (o.qcow2_version != 2 && o.qcow2_version != 3) return bad("version must be 2 (compat=0.10) or 3 (compat=1.1)");
   if (o.refcount_bits < 1 || o.refcount_bits > 64 || !IsPowerOfTwo(static_cast<uint64_t>(o.refcount_bits)))
     return bad("refcount_bits must be one of 1, 2, 4, 8, 16, 32, 64");
-  if (o.compression_type != "zlib" && o.compression_type != "zstd")
-    return bad("compression_type must be zlib or zstd");
+  if (o.compression_type != "zlib" && o.compression_type != "zstd") return bad("compression_type must be zlib or zstd");
   const bool v2 = o.qcow2_version == 2;
   if (v2 && (o.refcount_bits != 16 || o.lazy_refcounts || o.extended_l2 || o.compression_type != "zlib" ||
              !o.data_file.empty()))
-    return bad("version 2 images support only 16-bit refcounts, zlib, no lazy refcounts, no extended L2 and no "
-               "data file; use version 3");
+    return bad(
+        "version 2 images support only 16-bit refcounts, zlib, no lazy refcounts, no extended L2 and no "
+        "data file; use version 3");
   if (o.extended_l2 && o.cluster_size < 16384) return bad("extended_l2 needs a cluster size of at least 16 KiB");
   if (o.data_file_raw && o.data_file.empty()) return bad("data_file_raw needs data_file");
   if (o.data_file_raw && !o.backing_file.empty()) return bad("data_file_raw cannot be combined with a backing file");
@@ -47,9 +47,9 @@ Status CreateQcow2Image(const std::string& path, const CreateOptions& o, FileSys
     }
     if (o.data_file_raw) h.autoclear_features |= kQcow2AutoclearDataFileRaw;
     if (o.lazy_refcounts) h.compatible_features |= kQcow2CompatLazyRefcounts;
-    h.feature_names = {{0, 0, "dirty bit"},          {0, 1, "corrupt bit"},  {0, 2, "external data file"},
-                       {0, 3, "compression type"},   {0, 4, "extended L2 entries"},
-                       {1, 0, "lazy refcounts"},     {2, 0, "bitmaps"},      {2, 1, "raw external data"}};
+    h.feature_names = {{0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
+                       {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+                       {2, 0, "bitmaps"},          {2, 1, "raw external data"}};
   }
   h.backing_file = o.backing_file;
   if (!o.backing_file.empty() && o.backing_format) h.backing_format = std::string(FormatName(*o.backing_format));

@@ -54,8 +54,12 @@ Status ParseExtensions(std::span<const uint8_t> c, uint64_t start, uint64_t end,
     seen.push_back(type);
     const uint8_t* d = c.data() + data_off;
     switch (type) {
-      case kQcow2ExtBackingFormat: h->backing_format.assign(reinterpret_cast<const char*>(d), len); break;
-      case kQcow2ExtDataFile: h->data_file.assign(reinterpret_cast<const char*>(d), len); break;
+      case kQcow2ExtBackingFormat:
+        h->backing_format.assign(reinterpret_cast<const char*>(d), len);
+        break;
+      case kQcow2ExtDataFile:
+        h->data_file.assign(reinterpret_cast<const char*>(d), len);
+        break;
       case kQcow2ExtFeatureTable:
         for (uint32_t i = 0; i + 48 <= len; i += 48) {
           Qcow2FeatureName f;
@@ -71,9 +75,12 @@ Status ParseExtensions(std::span<const uint8_t> c, uint64_t start, uint64_t end,
         h->other_extensions.push_back({type, std::vector<uint8_t>(d, d + len)});
         break;
       case kQcow2ExtCrypto:
-        return Status::NotSupported(path + ": encrypted qcow2 images (LUKS) are not supported; decrypt with "
-                                           "`qemu-img convert` first");
-      default: h->other_extensions.push_back({type, std::vector<uint8_t>(d, d + len)}); break;
+        return Status::NotSupported(path +
+                                    ": encrypted qcow2 images (LUKS) are not supported; decrypt with "
+                                    "`qemu-img convert` first");
+      default:
+        h->other_extensions.push_back({type, std::vector<uint8_t>(d, d + len)});
+        break;
     }
     uint64_t padded = (uint64_t{len} + 7) & ~uint64_t{7};
     off = data_off + padded;
@@ -139,8 +146,7 @@ Result<Qcow2Header> ParseQcow2Header(std::span<const uint8_t> c, uint64_t file_s
     h.autoclear_features = LoadBe64(p + 88);
     h.refcount_order = LoadBe32(p + 96);
     h.header_length = LoadBe32(p + 100);
-    if (h.header_length < 104 || h.header_length % 8 != 0 || h.header_length > cs ||
-        h.header_length > c.size())
+    if (h.header_length < 104 || h.header_length % 8 != 0 || h.header_length > cs || h.header_length > c.size())
       return Bad(path, "header_length " + std::to_string(h.header_length) +
                            " must be >= 104, a multiple of 8 and inside the first cluster");
     if (h.header_length > 104) h.compression_type = p[104];
@@ -169,8 +175,8 @@ Result<Qcow2Header> ParseQcow2Header(std::span<const uint8_t> c, uint64_t file_s
     return Status::NotSupported(path + ": unknown compression_type " + std::to_string(h.compression_type));
   bool compression_bit = h.incompatible_features & kQcow2IncompatCompression;
   if (compression_bit != (h.compression_type != 0))
-    return Bad(path, "compression_type " + std::to_string(h.compression_type) +
-                         " disagrees with incompatible feature bit 3");
+    return Bad(path,
+               "compression_type " + std::to_string(h.compression_type) + " disagrees with incompatible feature bit 3");
 
   if (h.size > (1ull << 62)) return Bad(path, "virtual size " + std::to_string(h.size) + " is implausibly large");
   // L1 table.
@@ -254,8 +260,7 @@ Result<std::vector<uint8_t>> EncodeQcow2Header(const Qcow2Header& h) {
     ok &= put_ext(kQcow2ExtBackingFormat, str(h.backing_format), static_cast<uint32_t>(h.backing_format.size()));
   if (h.version >= 3 && !h.data_file.empty())
     ok &= put_ext(kQcow2ExtDataFile, str(h.data_file), static_cast<uint32_t>(h.data_file.size()));
-  for (const auto& e : h.other_extensions)
-    ok &= put_ext(e.type, e.data.data(), static_cast<uint32_t>(e.data.size()));
+  for (const auto& e : h.other_extensions) ok &= put_ext(e.type, e.data.data(), static_cast<uint32_t>(e.data.size()));
   if (!ok) return Status::InvalidArgument("qcow2 header extensions do not fit in one cluster");
   // The feature name table is informative only: left out when the cluster
   // is too small to hold it next to the backing file name.
@@ -343,10 +348,14 @@ Result<uint64_t> DecodeQcow2L1Entry(uint64_t raw, const Qcow2Header& h, uint64_t
 
 uint64_t GetQcow2Refcount(std::span<const uint8_t> b, uint64_t index, uint32_t order) {
   switch (order) {
-    case 3: return b[index];
-    case 4: return LoadBe16(&b[index * 2]);
-    case 5: return LoadBe32(&b[index * 4]);
-    case 6: return LoadBe64(&b[index * 8]);
+    case 3:
+      return b[index];
+    case 4:
+      return LoadBe16(&b[index * 2]);
+    case 5:
+      return LoadBe32(&b[index * 4]);
+    case 6:
+      return LoadBe64(&b[index * 8]);
     default: {
       const uint32_t bits = 1u << order;
       uint64_t bit = index * bits;
@@ -357,10 +366,18 @@ uint64_t GetQcow2Refcount(std::span<const uint8_t> b, uint64_t index, uint32_t o
 
 void SetQcow2Refcount(std::span<uint8_t> b, uint64_t index, uint32_t order, uint64_t value) {
   switch (order) {
-    case 3: b[index] = static_cast<uint8_t>(value); return;
-    case 4: StoreBe16(&b[index * 2], static_cast<uint16_t>(value)); return;
-    case 5: StoreBe32(&b[index * 4], static_cast<uint32_t>(value)); return;
-    case 6: StoreBe64(&b[index * 8], value); return;
+    case 3:
+      b[index] = static_cast<uint8_t>(value);
+      return;
+    case 4:
+      StoreBe16(&b[index * 2], static_cast<uint16_t>(value));
+      return;
+    case 5:
+      StoreBe32(&b[index * 4], static_cast<uint32_t>(value));
+      return;
+    case 6:
+      StoreBe64(&b[index * 8], value);
+      return;
     default: {
       const uint32_t bits = 1u << order;
       uint64_t bit = index * bits;
@@ -371,8 +388,8 @@ void SetQcow2Refcount(std::span<uint8_t> b, uint64_t index, uint32_t order, uint
 }
 
 uint64_t Qcow2SnapshotEntryBytes(std::span<const uint8_t> f) {
-  uint64_t n = kQcow2SnapshotFixedBytes + uint64_t{LoadBe32(f.data() + 36)} + LoadBe16(f.data() + 12) +
-               LoadBe16(f.data() + 14);
+  uint64_t n =
+      kQcow2SnapshotFixedBytes + uint64_t{LoadBe32(f.data() + 36)} + LoadBe16(f.data() + 12) + LoadBe16(f.data() + 14);
   return (n + 7) & ~uint64_t{7};
 }
 

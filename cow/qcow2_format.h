@@ -149,8 +149,8 @@ struct Qcow2L2Entry {
 };
 
 struct Qcow2CompressedDesc {
-  uint64_t host_offset = 0;   // byte offset of the stream
-  uint64_t max_length = 0;    // bytes from host_offset the stream may occupy
+  uint64_t host_offset = 0;  // byte offset of the stream
+  uint64_t max_length = 0;   // bytes from host_offset the stream may occupy
 };
 
 // Classifies an L2 entry and validates reserved bits, alignment and (for
@@ -203,8 +203,8 @@ inline constexpr size_t kQcow2SnapshotFixedBytes = 40;
 uint64_t Qcow2SnapshotEntryBytes(std::span<const uint8_t> fixed);
 // Parses one whole entry (Qcow2SnapshotEntryBytes long) found at
 // entry_offset, validating its L1 table against the image.
-Result<Qcow2Snapshot> ParseQcow2Snapshot(std::span<const uint8_t> entry, const Qcow2Header& header,
-                                         uint64_t file_size, uint64_t entry_offset, const std::string& path);
+Result<Qcow2Snapshot> ParseQcow2Snapshot(std::span<const uint8_t> entry, const Qcow2Header& header, uint64_t file_size,
+                                         uint64_t entry_offset, const std::string& path);
 std::vector<uint8_t> EncodeQcow2Snapshot(const Qcow2Snapshot& snapshot);
 
 }  // namespace cowtap::cow

@@ -235,8 +235,7 @@ TEST(Qcow2EntryTest, MisalignedL2DataOffsetRejected) {
 
 TEST(Qcow2EntryTest, ReservedL2BitsRejected) {
   Qcow2Header h = ValidHeader();
-  EXPECT_EQ(ClassifyQcow2L2Entry({0x50000 | (1ull << 58), 0}, h, false, 0, "t").status().code(),
-            ErrorCode::kCorrupt);
+  EXPECT_EQ(ClassifyQcow2L2Entry({0x50000 | (1ull << 58), 0}, h, false, 0, "t").status().code(), ErrorCode::kCorrupt);
   EXPECT_EQ(ClassifyQcow2L2Entry({0x50000 | 2, 0}, h, false, 0, "t").status().code(), ErrorCode::kCorrupt);
 }
 
@@ -248,8 +247,7 @@ TEST(Qcow2EntryTest, ZeroFlagInVersion2Rejected) {
 
 TEST(Qcow2EntryTest, CompressedClusterWithDataFileRejected) {
   Qcow2Header h = ValidHeader();
-  EXPECT_EQ(ClassifyQcow2L2Entry({kQcow2Compressed | 0x1000, 0}, h, true, 0, "t").status().code(),
-            ErrorCode::kCorrupt);
+  EXPECT_EQ(ClassifyQcow2L2Entry({kQcow2Compressed | 0x1000, 0}, h, true, 0, "t").status().code(), ErrorCode::kCorrupt);
 }
 
 TEST(Qcow2EntryTest, ExtendedL2BitmapRules) {

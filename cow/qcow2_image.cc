@@ -58,8 +58,9 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::Open(std::unique_ptr<File> file,
   bool read_only = options.read_only || !options.snapshot.empty();
   if (info.corrupt && !read_only) {
     read_only = true;
-    img->read_only_reason_ = path + ": the image is marked corrupt (incompatible bit 1); it was opened read-only. "
-                                    "Repair it with `qemu-img check -r all` before writing";
+    img->read_only_reason_ = path +
+                             ": the image is marked corrupt (incompatible bit 1); it was opened read-only. "
+                             "Repair it with `qemu-img check -r all` before writing";
   }
   info.read_only = read_only;
 
@@ -295,8 +296,8 @@ Status Qcow2Image::RebuildRefcounts() {
   // Refcounts of a dirty image may be anything: recompute them from the
   // metadata, then write every difference before the first allocation.
   COWTAP_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
-  COWTAP_ASSIGN_OR_RETURN(Qcow2RefScan scan, ScanQcow2References(*file_, h_, snapshots_, refcounts_->table(),
-                                                                 file_size, path_));
+  COWTAP_ASSIGN_OR_RETURN(Qcow2RefScan scan,
+                          ScanQcow2References(*file_, h_, snapshots_, refcounts_->table(), file_size, path_));
   if (scan.corruptions)
     return Status::Corrupt(path_ + ": the image is dirty and its metadata is damaged (" + scan.messages.front() +
                            "); run `qemu-img check -r all`");

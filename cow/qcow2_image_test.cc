@@ -2,13 +2,14 @@
 // buffer over backing chains, for every geometry the engine supports, plus
 // refcount consistency (CheckImage) after each workload, discard/zero
 // semantics, snapshots kept intact, and dirty-image refcount rebuild.
+#include "cow/qcow2_image.h"
+
 #include <gtest/gtest.h>
 
 #include <random>
 
 #include "cow/check.h"
 #include "cow/image.h"
-#include "cow/qcow2_image.h"
 
 namespace cowtap::cow {
 namespace {
@@ -31,7 +32,6 @@ Result<std::vector<uint8_t>> ReadBuf(Image& img, uint64_t off, uint64_t n) {
   return b;
 }
 
-
 struct Geometry {
   uint32_t cluster_size;
   int version;
@@ -48,7 +48,7 @@ TEST_P(Qcow2ChainTest, RandomWorkloadMatchesReferenceAndChecksClean) {
   const Geometry geo = GetParam();
   auto fs = NewMemFileSystem();
   std::mt19937_64 rng(geo.cluster_size * 7 + geo.refcount_bits + geo.extended_l2);
-  const uint64_t base_size = 3 << 20;   // base smaller than the overlay
+  const uint64_t base_size = 3 << 20;            // base smaller than the overlay
   const uint64_t size = (4 << 20) + 4096 + 512;  // not cluster aligned
   std::vector<uint8_t> ref(size, 0);
   {
@@ -138,9 +138,8 @@ INSTANTIATE_TEST_SUITE_P(Geometries, Qcow2ChainTest,
                          ::testing::Values(Geometry{65536, 3, 16, false, false}, Geometry{512, 3, 16, false, false},
                                            Geometry{4096, 3, 1, false, false}, Geometry{4096, 3, 64, false, false},
                                            Geometry{4096, 3, 2, false, false}, Geometry{4096, 3, 8, false, true},
-                                           Geometry{65536, 2, 16, false, false},
-                                           Geometry{16384, 3, 16, true, false}, Geometry{65536, 3, 32, true, true},
-                                           Geometry{2u << 20, 3, 16, false, false}),
+                                           Geometry{65536, 2, 16, false, false}, Geometry{16384, 3, 16, true, false},
+                                           Geometry{65536, 3, 32, true, true}, Geometry{2u << 20, 3, 16, false, false}),
                          [](const auto& param_info) {
                            const Geometry& g = param_info.param;
                            return "c" + std::to_string(g.cluster_size) + "_v" + std::to_string(g.version) + "_r" +

@@ -8,13 +8,13 @@
 //   agrees with what cowtap created.
 // Skips (with the reason) when qemu-img / qemu-io are not installed.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "cow/check.h"
@@ -124,7 +124,8 @@ class Qcow2InteropTest : public ::testing::Test {
     const uint64_t n = (*img)->size_bytes() / 4096;
     std::vector<Block> want(n), got(n);
     for (const auto& e : j) {
-      for (uint64_t b = e["start"].get<uint64_t>() / 4096; b < (e["start"].get<uint64_t>() + e["length"].get<uint64_t>()) / 4096 && b < n; ++b) {
+      for (uint64_t b = e["start"].get<uint64_t>() / 4096;
+           b < (e["start"].get<uint64_t>() + e["length"].get<uint64_t>()) / 4096 && b < n; ++b) {
         want[b].data = e["data"];
         want[b].zero = e["zero"];
         want[b].depth = want[b].data ? e["depth"].get<int>() : 0;
@@ -157,9 +158,15 @@ TEST_F(Qcow2InteropTest, QemuConvertedImagesReadBackIdentical) {
   const std::string src = MakeSource();
   const std::vector<uint8_t> want = ReadFileBytes(src);
   const std::vector<std::string> variants = {
-      "-c -o compression_type=zlib", "-c -o compression_type=zstd", "-o extended_l2=on,cluster_size=64k",
-      "-o refcount_bits=1",          "-o refcount_bits=64",         "-o cluster_size=512",
-      "-o cluster_size=2M",          "-o compat=0.10",              "-c -o compat=0.10,cluster_size=4k",
+      "-c -o compression_type=zlib",
+      "-c -o compression_type=zstd",
+      "-o extended_l2=on,cluster_size=64k",
+      "-o refcount_bits=1",
+      "-o refcount_bits=64",
+      "-o cluster_size=512",
+      "-o cluster_size=2M",
+      "-o compat=0.10",
+      "-c -o compat=0.10,cluster_size=4k",
       "-c -o extended_l2=on,cluster_size=32k,compression_type=zstd",
   };
   for (const auto& v : variants) {
@@ -190,7 +197,11 @@ TEST_F(Qcow2InteropTest, ZeroClustersSnapshotsAndBackingFromQemu) {
   ASSERT_EQ(Shell("qemu-img convert -O qcow2 '" + src + "' '" + base + "'", &msg), 0) << msg;
   ASSERT_EQ(Shell("qemu-img create -f qcow2 -b base.qcow2 -F qcow2 '" + top + "' 3M", &msg), 0) << msg;
   ASSERT_EQ(Shell("qemu-io -c 'write -P 0xaa 0 100k' -c 'write -z 64k 128k' -c 'write -z -u 512k 192k' "
-                "-c 'write -P 0x11 2500k 300k' '" + top + "'", &msg), 0) << msg;
+                  "-c 'write -P 0x11 2500k 300k' '" +
+                      top + "'",
+                  &msg),
+            0)
+      << msg;
   ASSERT_EQ(Shell("qemu-img snapshot -c snap1 '" + top + "'", &msg), 0) << msg;
   ASSERT_EQ(Shell("qemu-io -c 'write -P 0x55 0 256k' -c 'discard 1M 64k' '" + top + "'", &msg), 0) << msg;
   EXPECT_TRUE(CowtapRead(top) == QemuRead(top));
@@ -219,8 +230,7 @@ TEST_F(Qcow2InteropTest, ZeroClustersSnapshotsAndBackingFromQemu) {
 TEST_F(Qcow2InteropTest, ExternalDataFileFromQemu) {
   const std::string src = MakeSource(1 << 20);
   std::string img = P("df.qcow2"), data = P("df.data"), msg;
-  ASSERT_EQ(Shell("qemu-img convert -O qcow2 -o data_file='" + data + "' '" + src + "' '" + img + "'", &msg), 0)
-      << msg;
+  ASSERT_EQ(Shell("qemu-img convert -O qcow2 -o data_file='" + data + "' '" + src + "' '" + img + "'", &msg), 0) << msg;
   EXPECT_TRUE(CowtapRead(img) == ReadFileBytes(src));
 }
 
@@ -246,8 +256,8 @@ TEST_F(Qcow2InteropTest, CowtapWrittenImagesPassCheckAndMatchQemuTwin) {
     uint8_t pattern;
   };
   const std::vector<Op> ops = {{'w', 0, 4096, 0x11},         {'w', 70000, 200000, 0x22}, {'z', 300000, 131072, 0},
-                               {'w', 1 << 20, 65536, 0x33},   {'u', 1 << 20, 65536, 0},  {'d', 2 << 20, 131072, 0},
-                               {'w', 3000000, 500000, 0x44}, {'z', 3500000, 1000, 0},   {'w', 512, 1024, 0x55}};
+                               {'w', 1 << 20, 65536, 0x33},  {'u', 1 << 20, 65536, 0},   {'d', 2 << 20, 131072, 0},
+                               {'w', 3000000, 500000, 0x44}, {'z', 3500000, 1000, 0},    {'w', 512, 1024, 0x55}};
   std::vector<std::pair<std::string, CreateOptions>> kinds;
   auto add = [&](std::string opts, auto tweak) {
     CreateOptions co;
@@ -258,12 +268,24 @@ TEST_F(Qcow2InteropTest, CowtapWrittenImagesPassCheckAndMatchQemuTwin) {
     kinds.push_back({std::move(opts), co});
   };
   add("", [](CreateOptions&) {});
-  add("cluster_size=4096,refcount_bits=1", [](CreateOptions& c) { c.cluster_size = 4096; c.refcount_bits = 1; });
-  add("cluster_size=512,refcount_bits=64", [](CreateOptions& c) { c.cluster_size = 512; c.refcount_bits = 64; });
-  add("extended_l2=on,cluster_size=32k", [](CreateOptions& c) { c.extended_l2 = true; c.cluster_size = 32768; });
+  add("cluster_size=4096,refcount_bits=1", [](CreateOptions& c) {
+    c.cluster_size = 4096;
+    c.refcount_bits = 1;
+  });
+  add("cluster_size=512,refcount_bits=64", [](CreateOptions& c) {
+    c.cluster_size = 512;
+    c.refcount_bits = 64;
+  });
+  add("extended_l2=on,cluster_size=32k", [](CreateOptions& c) {
+    c.extended_l2 = true;
+    c.cluster_size = 32768;
+  });
   add("lazy_refcounts=on", [](CreateOptions& c) { c.lazy_refcounts = true; });
   add("compat=0.10", [](CreateOptions& c) { c.qcow2_version = 2; });
-  add("compression_type=zstd,cluster_size=2M", [](CreateOptions& c) { c.compression_type = "zstd"; c.cluster_size = 2 << 20; });
+  add("compression_type=zstd,cluster_size=2M", [](CreateOptions& c) {
+    c.compression_type = "zstd";
+    c.cluster_size = 2 << 20;
+  });
   for (auto& [opts, co] : kinds) {
     SCOPED_TRACE(opts);
     const bool v2 = co.qcow2_version == 2;
@@ -272,7 +294,10 @@ TEST_F(Qcow2InteropTest, CowtapWrittenImagesPassCheckAndMatchQemuTwin) {
     fsys::remove(twin);
     ASSERT_TRUE(CreateImage(ours, co).ok());
     ASSERT_EQ(Shell("qemu-img create -q -f qcow2 -b base.raw -F raw" + (opts.empty() ? "" : " -o " + opts) + " '" +
-                  twin + "' 4M", &msg), 0) << msg;
+                        twin + "' 4M",
+                    &msg),
+              0)
+        << msg;
     std::string io_cmds;
     {
       OpenOptions oo;
@@ -350,8 +375,8 @@ TEST_F(Qcow2InteropTest, CowtapCheckAgreesWithQemuOnLeaks) {
 TEST_F(Qcow2InteropTest, CowtapWritesIntoCompressedAndSnapshottedImages) {
   const std::string src = MakeSource(2 << 20);
   const std::vector<uint8_t> src_bytes = ReadFileBytes(src);
-  for (const std::string opts : {"compression_type=zlib", "compression_type=zstd",
-                                 "extended_l2=on,cluster_size=32k", "cluster_size=4k,refcount_bits=8"}) {
+  for (const std::string opts : {"compression_type=zlib", "compression_type=zstd", "extended_l2=on,cluster_size=32k",
+                                 "cluster_size=4k,refcount_bits=8"}) {
     SCOPED_TRACE(opts);
     std::string img = P("c.qcow2"), twin = P("c-twin.qcow2"), msg;
     fsys::remove(img);
@@ -372,7 +397,11 @@ TEST_F(Qcow2InteropTest, CowtapWritesIntoCompressedAndSnapshottedImages) {
       ASSERT_TRUE((*im)->Close().ok());
     }
     ASSERT_EQ(Shell("qemu-io -c 'write -P 0x61 10000 5000' -c 'write -P 0x61 200000 70000' -c 'write -z 400000 3000' "
-                    "-c 'discard 1M 64k' '" + twin + "'", &msg), 0) << msg;
+                    "-c 'discard 1M 64k' '" +
+                        twin + "'",
+                    &msg),
+              0)
+        << msg;
     ExpectQemuCheckClean(img);
     EXPECT_EQ(Shell("qemu-img compare '" + img + "' '" + twin + "'", &msg), 0) << msg;
     EXPECT_TRUE(QemuRead(img, "s1") == src_bytes);

@@ -181,15 +181,16 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
     const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
     if (ref.type == Qcow2ClusterType::kZeroPlain || ref.type == Qcow2ClusterType::kZeroAlloc) {
       if (!ext || zero == 0xffffffffu) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
-    } else if (ref.type == Qcow2ClusterType::kUnallocated && (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
+    } else if (ref.type == Qcow2ClusterType::kUnallocated &&
+               (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
       if (!ext || zero == 0) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
-    } else if (ref.type == Qcow2ClusterType::kUnallocated && !ext && (vc + 1) * cluster_size_ <= backing_->size_bytes()) {
+    } else if (ref.type == Qcow2ClusterType::kUnallocated && !ext &&
+               (vc + 1) * cluster_size_ <= backing_->size_bytes()) {
       // Resolved through the chain: a raw backing file maps 1:1; a backing
       // image with its own remap cache (same cluster size) says where.
       if (backing_->info().format == ImageFormat::kRaw) {
         remap_->Insert(vc, Remap{vc * cluster_size_, 1, Remap::kBacking});
-      } else if (RemapCache* below = backing_->remap_cache();
-                 below && backing_->info().cluster_size == cluster_size_) {
+      } else if (RemapCache* below = backing_->remap_cache(); below && backing_->info().cluster_size == cluster_size_) {
         if (auto m = below->Lookup(vc); m && m->layer < 0xfffe) {
           uint8_t flags = (m->flags & Remap::kZero) ? Remap::kZero : Remap::kBacking;
           remap_->Insert(vc, Remap{m->host_offset, static_cast<uint16_t>(m->layer + 1), flags});
@@ -234,11 +235,15 @@ Status Qcow2Image::ReadCluster(const ClusterRef& ref, uint64_t in, IoVecs iov) {
   const uint64_t n = TotalLength(iov);
   const uint64_t g = ref.vcluster * cluster_size_ + in;
   switch (ref.type) {
-    case Qcow2ClusterType::kCompressed: return ReadCompressed(ref, in, iov);
-    case Qcow2ClusterType::kZeroAlloc: ZeroIoVecs(iov, 0, n); return Status::Ok();
+    case Qcow2ClusterType::kCompressed:
+      return ReadCompressed(ref, in, iov);
+    case Qcow2ClusterType::kZeroAlloc:
+      ZeroIoVecs(iov, 0, n);
+      return Status::Ok();
     case Qcow2ClusterType::kUnallocated:
     case Qcow2ClusterType::kZeroPlain:
-    case Qcow2ClusterType::kNormal: break;
+    case Qcow2ClusterType::kNormal:
+      break;
   }
   if (!h_.extended_l2()) {
     if (ref.type == Qcow2ClusterType::kZeroPlain) {
@@ -397,8 +402,8 @@ Status Qcow2Image::WriteExtended(uint64_t offset, IoVecs iov) {
     const uint64_t start = vc * cluster_size_;
     COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
     const bool has_host = ref.type == Qcow2ClusterType::kNormal;
-    const bool whole = ref.type == Qcow2ClusterType::kCompressed ||
-                       (has_host && !data_file && !(ref.entry.raw & kQcow2Copied));
+    const bool whole =
+        ref.type == Qcow2ClusterType::kCompressed || (has_host && !data_file && !(ref.entry.raw & kQcow2Copied));
     // Region written: the touched subclusters, or the whole cluster when a
     // shared or compressed cluster is copied.
     uint64_t s0 = whole ? 0 : in / sc, s1 = whole ? 32 : DivRoundUp(in + n, sc);

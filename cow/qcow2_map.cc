@@ -51,7 +51,9 @@ Status Qcow2Image::MapLayer(uint64_t offset, uint64_t length, std::vector<Extent
     COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
     const uint64_t host = ref.entry.raw & kQcow2OffsetMask;
     switch (ref.type) {
-      case Qcow2ClusterType::kCompressed: push(Extent{g, n, true, false, true, 0, std::nullopt, path_}); break;
+      case Qcow2ClusterType::kCompressed:
+        push(Extent{g, n, true, false, true, 0, std::nullopt, path_});
+        break;
       case Qcow2ClusterType::kZeroAlloc:
         // No host offset: the preallocated cluster holds stale bytes.
         push(Extent{g, n, false, true, false, 0, std::nullopt, ""});

@@ -12,13 +12,15 @@
 namespace cowtap::cow {
 
 Qcow2Refcounts::Qcow2Refcounts(File* file, std::string path, const Geometry& geometry, uint64_t cache_entries)
-    : file_(file), path_(std::move(path)), geometry_(geometry),
+    : file_(file),
+      path_(std::move(path)),
+      geometry_(geometry),
       block_entries_((1ull << geometry.cluster_bits) * 8 >> geometry.refcount_order),
       cache_(file, 1ull << geometry.cluster_bits, cache_entries,
              [file](uint64_t off, std::span<const uint8_t> b) { return file->WriteAt(off, b); }) {}
 
-Result<std::unique_ptr<Qcow2Refcounts>> Qcow2Refcounts::Load(File* file, const std::string& path,
-                                                             const Geometry& g, uint64_t cache_bytes) {
+Result<std::unique_ptr<Qcow2Refcounts>> Qcow2Refcounts::Load(File* file, const std::string& path, const Geometry& g,
+                                                             uint64_t cache_bytes) {
   const uint64_t cs = 1ull << g.cluster_bits;
   uint64_t entries = std::max<uint64_t>(4, cache_bytes / cs);
   std::unique_ptr<Qcow2Refcounts> r(new Qcow2Refcounts(file, path, g, entries));
@@ -30,8 +32,8 @@ Result<std::unique_ptr<Qcow2Refcounts>> Qcow2Refcounts::Load(File* file, const s
     uint64_t e = LoadBe64(&raw[i * 8]);
     uint64_t at = g.table_offset + i * 8;
     if (e != 0 && ((e & (cs - 1)) != 0 || e >= kQcow2MaxHostOffset || e >= file_size))
-      return Status::Corrupt(path + ": refcount table entry " + std::to_string(i) + " at offset " +
-                             std::to_string(at) + " points to " + std::to_string(e) +
+      return Status::Corrupt(path + ": refcount table entry " + std::to_string(i) + " at offset " + std::to_string(at) +
+                             " points to " + std::to_string(e) +
                              ", which is misaligned or beyond the end of the file; run `qemu-img check -r all`");
     r->table_[i] = e;
   }
@@ -81,8 +83,8 @@ Status Qcow2Refcounts::Add(uint64_t cluster_index, int64_t delta) {
   uint64_t next = cur + static_cast<uint64_t>(delta);
   if (delta > 0 && (next < cur || next > Qcow2MaxRefcount(geometry_.refcount_order)))
     return Status::OutOfRange(path_ + ": refcount overflow for cluster at offset " +
-                              std::to_string(cluster_index << geometry_.cluster_bits) + " (refcount_bits=" +
-                              std::to_string(1u << geometry_.refcount_order) + ")");
+                              std::to_string(cluster_index << geometry_.cluster_bits) +
+                              " (refcount_bits=" + std::to_string(1u << geometry_.refcount_order) + ")");
   return Set(cluster_index, next);
 }
 

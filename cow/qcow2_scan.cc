@@ -34,8 +34,7 @@ class Scanner {
   void Ref(uint64_t offset, uint64_t bytes, const char* what) {
     if (bytes == 0) return;
     uint64_t end;
-    if (!CheckedAdd(offset, bytes, &end) || end > *AlignUp(file_size_, cs_) ||
-        offset >= kQcow2MaxHostOffset) {
+    if (!CheckedAdd(offset, bytes, &end) || end > *AlignUp(file_size_, cs_) || offset >= kQcow2MaxHostOffset) {
       Corrupt(std::string("ERROR ") + what + " at " + Hex(offset) + " (" + std::to_string(bytes) +
               " bytes) lies beyond the end of the file");
       return;
@@ -98,7 +97,8 @@ class Scanner {
               next_contiguous = host + cs_;
             }
             break;
-          default: break;
+          default:
+            break;
         }
       }
     }
@@ -207,8 +207,8 @@ Result<std::vector<Qcow2Snapshot>> ReadQcow2SnapshotTable(File& file, const Qcow
     uint64_t n = Qcow2SnapshotEntryBytes(fixed);
     // QEMU does not write the padding of the last entry, so only the
     // unpadded bytes must lie inside the file.
-    uint64_t unpadded = kQcow2SnapshotFixedBytes + uint64_t{LoadBe32(fixed + 36)} + LoadBe16(fixed + 12) +
-                        LoadBe16(fixed + 14);
+    uint64_t unpadded =
+        kQcow2SnapshotFixedBytes + uint64_t{LoadBe32(fixed + 36)} + LoadBe16(fixed + 12) + LoadBe16(fixed + 14);
     if (!RangeWithin(off, unpadded, file_size))
       return Status::Corrupt(path + ": snapshot table entry " + std::to_string(i) + " lies beyond the end of file");
     std::vector<uint8_t> entry(n);

@@ -20,10 +20,10 @@
 namespace cowtap::cow {
 
 struct Qcow2RefScan {
-  std::vector<uint32_t> refs;        // references per host cluster index
-  uint64_t corruptions = 0;          // invalid entries / references beyond EOF
-  std::vector<std::string> messages; // one per corruption found
-  uint64_t allocated_clusters = 0;   // guest clusters allocated in the active layer
+  std::vector<uint32_t> refs;         // references per host cluster index
+  uint64_t corruptions = 0;           // invalid entries / references beyond EOF
+  std::vector<std::string> messages;  // one per corruption found
+  uint64_t allocated_clusters = 0;    // guest clusters allocated in the active layer
   uint64_t compressed_clusters = 0;
   uint64_t fragmented_clusters = 0;
 };

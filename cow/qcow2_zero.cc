@@ -20,8 +20,7 @@ std::vector<uint64_t> HostClustersOf(const Qcow2Header& h, uint64_t raw, Qcow2Cl
     for (uint64_t c = d.host_offset / cs; c <= (d.host_offset + d.max_length - 1) / cs; ++c) out.push_back(c);
     return out;
   }
-  if (type == Qcow2ClusterType::kNormal || type == Qcow2ClusterType::kZeroAlloc)
-    return {(raw & kQcow2OffsetMask) / cs};
+  if (type == Qcow2ClusterType::kNormal || type == Qcow2ClusterType::kZeroAlloc) return {(raw & kQcow2OffsetMask) / cs};
   return {};
 }
 
@@ -41,9 +40,10 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   COWTAP_RETURN_IF_ERROR(CheckRange(offset, length));
   COWTAP_RETURN_IF_ERROR(CheckWritable());
   if (h_.version < 3 && backing_)
-    return Status::NotSupported(path_ + ": discard is not supported on a qcow2 version 2 image with a backing file "
-                                        "(v2 has no zero clusters, so backing data would reappear); upgrade with "
-                                        "`qemu-img amend -o compat=1.1`");
+    return Status::NotSupported(path_ +
+                                ": discard is not supported on a qcow2 version 2 image with a backing file "
+                                "(v2 has no zero clusters, so backing data would reappear); upgrade with "
+                                "`qemu-img amend -o compat=1.1`");
   Status s = ZeroLocked(offset, length, /*unmap=*/true, /*discard=*/true);
   if (s.code() == ErrorCode::kCorrupt) return MarkBroken(s);
   return s;
@@ -85,13 +85,15 @@ Status Qcow2Image::ZeroLocked(uint64_t offset, uint64_t length, bool unmap, bool
         continue;
       }
       if (s0 * sc > in && !discard) COWTAP_RETURN_IF_ERROR(write_zeros(cstart + in, s0 * sc - in));
-      if (s1 < 32 && s1 * sc < in + n && !discard) COWTAP_RETURN_IF_ERROR(write_zeros(cstart + s1 * sc, in + n - s1 * sc));
+      if (s1 < 32 && s1 * sc < in + n && !discard)
+        COWTAP_RETURN_IF_ERROR(write_zeros(cstart + s1 * sc, in + n - s1 * sc));
       COWTAP_ASSIGN_OR_RETURN(ref, LookupClusterForWrite(vc));
       uint32_t mask = static_cast<uint32_t>(((s1 >= 32 ? ~0ull : (1ull << s1) - 1)) & ~((1ull << s0) - 1));
       uint64_t raw = ref.entry.raw, bitmap = ref.entry.bitmap;
       uint32_t alloc = Qcow2SubAllocMask(bitmap) & ~mask, zero = Qcow2SubZeroMask(bitmap) | mask;
       if (ref.type == Qcow2ClusterType::kCompressed || (whole && (unmap || shared))) {
-        if (!data_file) for (uint64_t c : HostClustersOf(h_, raw, ref.type)) to_free.push_back(c);
+        if (!data_file)
+          for (uint64_t c : HostClustersOf(h_, raw, ref.type)) to_free.push_back(c);
         raw = 0;
         alloc = 0;
       }
