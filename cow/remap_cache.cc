@@ -10,11 +10,18 @@
 // lookup on one or two cache lines; the finalizer spreads the dense, sequential
 // cluster indices a disk produces evenly over the table.
 //
-// Deletion: backward shift. After emptying slot `hole`, each following entry
-// of the run moves back into the hole unless its home lies cyclically in
-// (hole, j], i.e. unless moving it would put it before its home. This keeps
-// the invariant that every entry is reachable from its home with no empty slot
-// in between, without tombstones that would lengthen later probes.
+// Order: Robin Hood. Each slot records its entry's distance from home, and an
+// insert that meets an entry closer to its home than the new one takes that
+// slot and carries the displaced entry on. Every run is then sorted by home,
+// so a miss stops at the first entry closer to home than the probe has come,
+// instead of walking to the end of the run (at load 0.75, ~2.5 slots rather
+// than ~8.5). Hits cost what linear probing always costs (~2.5 at 0.75, ~1.5
+// at 0.5: the total displacement does not depend on the order).
+//
+// Deletion: backward shift. After emptying a slot, the following entries of
+// the run that are away from home move back by one, until an empty slot or an
+// entry at its home. That keeps the Robin Hood order and every entry
+// reachable, without tombstones that would lengthen later probes.
 //
 // Eviction: CLOCK (second chance). A hit sets the slot's referenced bit; a new
 // entry starts unreferenced, so entries that were never looked up again (a
@@ -30,9 +37,11 @@
 namespace cowtap::cow {
 namespace {
 
-// Largest capacity accepted; larger requests are clamped (2^32 entries is
-// already ~100 GiB of table, far beyond any per-VBD budget).
-constexpr uint64_t kMaxCapacity = uint64_t{1} << 32;
+// Largest capacity and slot count accepted; larger requests are clamped (2^31
+// entries is already ~100 GiB of table, far beyond any per-VBD budget). The
+// slot bound keeps every distance within Slot::distance's 32 bits.
+constexpr uint64_t kMaxCapacity = uint64_t{1} << 31;
+constexpr double kMaxSlots = 4294967296.0;
 constexpr double kDefaultLoadFactor = 0.75;
 
 // A 64-bit multiply-xorshift finalizer (the constants of MurmurHash3's fmix64):
@@ -59,11 +68,11 @@ RemapCache::RemapCache(uint64_t capacity, double max_load_factor) {
   if (!(max_load_factor > 0.0 && max_load_factor <= 1.0)) max_load_factor = kDefaultLoadFactor;
   stats_.capacity = capacity_;
   if (capacity_ == 0) return;
-  const double wanted = std::ceil(static_cast<double>(capacity_) / max_load_factor);
+  const double wanted = std::min(kMaxSlots, std::ceil(static_cast<double>(capacity_) / max_load_factor));
   // Keep one slot empty at least, so that probes always terminate.
   const uint64_t min_slots = std::max<uint64_t>(static_cast<uint64_t>(wanted), capacity_ + 1);
   const uint64_t slot_count = RoundUpPowerOfTwo(min_slots);
-  slots_.assign(slot_count, Slot{0, 0, 0, 0, 0});
+  slots_.assign(slot_count, Slot{});
   mask_ = slot_count - 1;
 }
 
@@ -76,22 +85,26 @@ std::optional<Remap> RemapCache::Lookup(uint64_t virtual_cluster) {
     ++stats_.misses;
     return std::nullopt;
   }
+  const uint64_t i = Find(key, &stats_.probes);
+  if (i == kNoSlot) {
+    ++stats_.misses;
+    return std::nullopt;
+  }
+  Slot& s = slots_[i];
+  ++stats_.hits;
+  s.referenced = 1;
+  return Remap{s.host_offset, s.layer, s.flags};
+}
+
+uint64_t RemapCache::Find(uint64_t key, uint64_t* probes) const {
   uint64_t i = Home(key);
-  uint64_t probes = 0;
-  for (;;) {
-    Slot& s = slots_[i];
-    ++probes;
-    if (s.key == key) {
-      stats_.probes += probes;
-      ++stats_.hits;
-      s.referenced = 1;
-      return Remap{s.host_offset, s.layer, s.flags};
-    }
-    if (s.key == 0) {
-      stats_.probes += probes;
-      ++stats_.misses;
-      return std::nullopt;
-    }
+  for (uint64_t distance = 0;; ++distance) {
+    const Slot& s = slots_[i];
+    ++*probes;
+    if (s.key == key) return i;
+    // An empty slot, or an entry nearer its home than key would be here: in
+    // Robin Hood order key would have taken this slot, so it is absent.
+    if (s.key == 0 || s.distance < distance) return kNoSlot;
     i = (i + 1) & mask_;
   }
 }
@@ -99,41 +112,36 @@ std::optional<Remap> RemapCache::Lookup(uint64_t virtual_cluster) {
 void RemapCache::Insert(uint64_t virtual_cluster, const Remap& remap) {
   const uint64_t key = virtual_cluster + 1;
   if (slots_.empty() || key == 0) return;
+  uint64_t unused_probes = 0;
+  const uint64_t found = Find(key, &unused_probes);
+  ++stats_.inserts;
+  if (found != kNoSlot) {  // overwrite in place; keep its clock bit
+    slots_[found].host_offset = remap.host_offset;
+    slots_[found].layer = remap.layer;
+    slots_[found].flags = remap.flags;
+    return;
+  }
+  if (stats_.size >= capacity_) EvictOne();
+  Slot carry{key, remap.host_offset, remap.layer, remap.flags, /*referenced=*/0, /*distance=*/0};
   uint64_t i = Home(key);
+  // Terminates: at least one slot is empty (capacity < slot count).
   while (slots_[i].key != 0) {
-    if (slots_[i].key == key) {  // overwrite in place; keep its clock bit
-      slots_[i].host_offset = remap.host_offset;
-      slots_[i].layer = remap.layer;
-      slots_[i].flags = remap.flags;
-      ++stats_.inserts;
-      return;
-    }
+    if (slots_[i].distance < carry.distance) std::swap(carry, slots_[i]);
+    ++carry.distance;
     i = (i + 1) & mask_;
   }
-  if (stats_.size >= capacity_) {
-    EvictOne();
-    // The eviction's backward shift may have moved entries; find the first
-    // empty slot of the key's run again.
-    i = Home(key);
-    while (slots_[i].key != 0) i = (i + 1) & mask_;
-  }
-  slots_[i] = Slot{key, remap.host_offset, remap.layer, remap.flags, 0};
+  slots_[i] = carry;
   ++stats_.size;
-  ++stats_.inserts;
 }
 
 void RemapCache::Invalidate(uint64_t virtual_cluster) {
   const uint64_t key = virtual_cluster + 1;
   if (slots_.empty() || key == 0) return;
-  uint64_t i = Home(key);
-  while (slots_[i].key != 0) {
-    if (slots_[i].key == key) {
-      EraseSlot(i);
-      ++stats_.invalidations;
-      return;
-    }
-    i = (i + 1) & mask_;
-  }
+  uint64_t unused_probes = 0;
+  const uint64_t i = Find(key, &unused_probes);
+  if (i == kNoSlot) return;
+  EraseSlot(i);
+  ++stats_.invalidations;
 }
 
 void RemapCache::InvalidateRange(uint64_t first_cluster, uint64_t count) {
@@ -165,7 +173,7 @@ void RemapCache::InvalidateRange(uint64_t first_cluster, uint64_t count) {
 }
 
 void RemapCache::Clear() {
-  std::fill(slots_.begin(), slots_.end(), Slot{0, 0, 0, 0, 0});
+  std::fill(slots_.begin(), slots_.end(), Slot{});
   stats_.size = 0;
   clock_hand_ = 0;
 }
@@ -177,17 +185,13 @@ uint64_t RemapCache::MemoryBytes() const { return sizeof(*this) + slots_.capacit
 void RemapCache::EraseSlot(uint64_t index) {
   uint64_t hole = index;
   uint64_t j = (index + 1) & mask_;
-  while (slots_[j].key != 0) {
-    const uint64_t home = Home(slots_[j].key);
-    // Distance from home to j versus from hole to j, both cyclic: the entry
-    // may move back to the hole only if the hole is not before its home.
-    if (((j - home) & mask_) >= ((j - hole) & mask_)) {
-      slots_[hole] = slots_[j];
-      hole = j;
-    }
+  while (slots_[j].key != 0 && slots_[j].distance > 0) {
+    slots_[hole] = slots_[j];
+    --slots_[hole].distance;
+    hole = j;
     j = (j + 1) & mask_;
   }
-  slots_[hole] = Slot{0, 0, 0, 0, 0};
+  slots_[hole] = Slot{};
   --stats_.size;
 }
 

@@ -4,7 +4,7 @@
 // when the cluster is owned by the top layer alone), a host offset in a
 // backing layer's file (read-only), or "reads as zeros".
 //
-// A bounded open-addressing hash table (linear probing, backward-shift
+// A bounded open-addressing hash table (linear probing in Robin Hood order, backward-shift
 // deletion, no tombstones) with a fixed capacity chosen at construction.
 // When full, inserting evicts an entry (clock / second-chance). Engines insert
 // what they resolve on the L2 path and must invalidate before any change that
@@ -69,8 +69,12 @@ class RemapCache {
     uint16_t layer;
     uint8_t flags;
     uint8_t referenced;  // clock bit for eviction
+    uint32_t distance;   // slots from the key's home (Robin Hood order)
   };
+  static constexpr uint64_t kNoSlot = ~uint64_t{0};
   uint64_t Home(uint64_t key) const;
+  // The slot holding key, or kNoSlot; adds the slots examined to *probes.
+  uint64_t Find(uint64_t key, uint64_t* probes) const;
   void EraseSlot(uint64_t index);
   void EvictOne();
 

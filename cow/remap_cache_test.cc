@@ -224,6 +224,20 @@ TEST(RemapCacheTest, MeanProbeLengthOfHitsIsNearTheoryAtHalfLoad) {
   EXPECT_LT(mean, 2.0);
 }
 
+TEST(RemapCacheTest, MissesStopEarlyAtFullDefaultLoad) {
+  // 3072 entries in 4096 slots: load 0.75. Plain linear probing walks ~8.5
+  // slots per miss here; the Robin Hood order stops a miss after ~2.5-3.
+  RemapCache cache(3072);
+  std::mt19937_64 rng(3);
+  while (cache.Stats().size < 3072) cache.Insert(rng() % (uint64_t{1} << 40), MakeRemap(1));
+  const RemapCacheStats before = cache.Stats();
+  for (int i = 0; i < 20000; ++i) cache.Lookup((uint64_t{1} << 41) + rng() % (uint64_t{1} << 40));
+  const RemapCacheStats after = cache.Stats();
+  ASSERT_EQ(after.misses - before.misses, 20000u);
+  const double mean = double(after.probes - before.probes) / 20000.0;
+  EXPECT_LT(mean, 4.0);
+}
+
 TEST(RemapCacheTest, MemoryBytesScalesWithCapacity) {
   RemapCache small(16), large(1 << 16);
   EXPECT_GT(large.MemoryBytes(), small.MemoryBytes());
