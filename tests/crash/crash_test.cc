@@ -491,11 +491,11 @@ INSTANTIATE_TEST_SUITE_P(Sweep, CrashConsistency, ::testing::ValuesIn(Cases(fals
                          [](const ::testing::TestParamInfo<CrashCase>& p) { return p.param.name; });
 
 // Every write of a longer workload is a crash point. Slow; opt in with
-// COWTAP_CRASH_HEAVY=1 (ctest -L heavy sets it).
+// COWTAP_CRASH_HEAVY=1 (COWTAP_CRASH_HEAVY=1 ctest -L heavy).
 class CrashConsistencyHeavy : public ::testing::TestWithParam<CrashCase> {};
 
 TEST_P(CrashConsistencyHeavy, EveryWriteIsACrashPoint) {
-  if (!std::getenv("COWTAP_CRASH_HEAVY")) GTEST_SKIP() << "heavy sweep: set COWTAP_CRASH_HEAVY=1 (label heavy)";
+  if (!std::getenv("COWTAP_CRASH_HEAVY")) GTEST_SKIP() << "heavy sweep: export COWTAP_CRASH_HEAVY=1 to run it (label heavy)";
   RunSweep(GetParam());
 }
 
