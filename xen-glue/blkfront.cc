@@ -140,11 +140,6 @@ Status BlkFront::SetupQueues() {
   const uint32_t nqueues = std::clamp<uint32_t>(std::min(options_.max_queues, backend_max_queues_), 1, kMaxQueues);
   device_.ring_page_order = order;
   device_.num_queues = nqueues;
-  device_.persistent = options_.persistent_grants && backend_persistent_;
-  device_.indirect_segments =
-      std::min(options_.max_indirect_segments, backend_indirect_) > kBlkifMaxDirectSegments
-          ? std::min(options_.max_indirect_segments, backend_indirect_)
-          : 0;
   queues_.clear();
   queues_.resize(nqueues);
   for (Queue& q : queues_) {
@@ -237,8 +232,14 @@ Status BlkFront::Handshake() {
                                        "the backend's log",
                                        frontend_path_, device_.backend_path, seen));
   }
-  // Features may be (re)published up to Connected, as blkfront reads them here.
+  // Features may be (re)published up to Connected (a frontend that did not
+  // wait for InitWait may have read none), so the data-path features are
+  // settled here, as blkfront does on connect. Persistent grants are on when
+  // both sides said so: our key, written before, and the backend's.
   COWTAP_RETURN_IF_ERROR(ReadBackendFeatures());
+  device_.persistent = options_.persistent_grants && backend_persistent_;
+  const uint32_t indirect = std::min(options_.max_indirect_segments, backend_indirect_);
+  device_.indirect_segments = indirect > kBlkifMaxDirectSegments ? indirect : 0;
   COWTAP_RETURN_IF_ERROR(ReadDiskProperties());
   COWTAP_RETURN_IF_ERROR(SetFrontendState(kConnected));
   connected_ = true;

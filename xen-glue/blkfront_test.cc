@@ -33,6 +33,11 @@ class MiniBackend {
   ~MiniBackend() { StopServing(); }
 
   void Publish() {
+    PublishDirs();
+    PublishFeatures();
+  }
+  // The toolstack's part only (backend state Initialising).
+  void PublishDirs() {
     xs_ = platform_->OpenXenStore().value();
     gt_ = platform_->OpenGrantTable().value();
     ev_ = platform_->OpenEventChannel().value();
@@ -43,6 +48,9 @@ class MiniBackend {
     ASSERT_TRUE(ToolstackAddVbd(*xs_, cfg).ok());
     be_ = XsBackendDir(kDom0, "vbd", kGuest, kDevid);
     fe_ = XsFrontendDir(kGuest, "vbd", kDevid);
+  }
+  // Features, then InitWait.
+  void PublishFeatures() {
     for (const auto& [k, v] : features_) ASSERT_TRUE(xs_->Write(XsJoin(be_, k), v).ok());
     ASSERT_TRUE(xs_->Write(XsJoin(be_, "state"), "2").ok());
   }
@@ -372,6 +380,31 @@ TEST_F(BlkFrontTest, FeatureSwitchesOverrideWhatTheBackendOffers) {
   EXPECT_FALSE(front_->Supports(BlkOp::kWriteBarrier));
   EXPECT_EQ(front_->Submit(BlkIo{BlkOp::kDiscard, 0, 8, nullptr, 1}).code(), ErrorCode::kNotSupported);
   EXPECT_EQ(front_->max_sectors_per_io(), 88u);
+}
+
+TEST_F(BlkFrontTest, FrontendNotWaitingForInitWaitSettlesDataFeaturesAtConnect) {
+  // The frontend writes its keys before the backend has published anything;
+  // persistent grants and indirect descriptors must still follow what the
+  // backend offers by Connected (the backend maps persistent grants
+  // read-write, so a frontend that thought otherwise would see errors).
+  backend_ = std::make_unique<MiniBackend>(*hv_, AllFeatures(), 8192);
+  backend_->PublishDirs();
+  BlkfrontOptions o;
+  o.wait_for_initwait = false;
+  o.handshake_timeout_ms = 5000;
+  Result<std::unique_ptr<BlkFront>> attached = Status::Internal("not run");
+  std::thread t([&] { attached = BlkFront::Attach(*guest_, kDevid, o); });
+  for (int i = 0; i < 500 && backend_->Fe("state") != "3"; ++i) usleep(10000);
+  ASSERT_EQ(backend_->Fe("state"), "3");
+  EXPECT_NE(backend_->Fe("ring-ref"), "<absent>");  // no order offered yet: one page
+  backend_->PublishFeatures();
+  backend_->ConnectAndServe();
+  t.join();
+  ASSERT_TRUE(attached.ok()) << attached.status().ToString();
+  front_ = std::move(*attached);
+  EXPECT_TRUE(front_->device().persistent);
+  EXPECT_EQ(front_->device().indirect_segments, 64u);
+  RunWorkload(256);
 }
 
 TEST_F(BlkFrontTest, DisconnectWaitsForBackendAndEndsEveryGrant) {

@@ -96,7 +96,7 @@ INSTANTIATE_TEST_SUITE_P(
                       FrontendSwitch{"TwoPageRing", {"--ring-order", "1", "--queues", "2"}, "ring_entries", "64"},
                       FrontendSwitch{"X86_32Abi", {"--abi", "x86_32", "--queues", "2"}, "queues", "2"},
                       FrontendSwitch{"NoProtocolKey", {"--no-protocol"}, "queues", "4"},
-                      FrontendSwitch{"NoWaitForInitWait", {"--no-wait-initwait"}, "queues", "4"},
+                      FrontendSwitch{"NoWaitForInitWait", {"--no-wait-initwait"}, "persistent", "true"},
                       FrontendSwitch{"NoFlushBarrierDiscard",
                                      {"--no-flush", "--no-barrier", "--no-discard"},
                                      "discard",
