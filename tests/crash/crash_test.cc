@@ -495,7 +495,8 @@ INSTANTIATE_TEST_SUITE_P(Sweep, CrashConsistency, ::testing::ValuesIn(Cases(fals
 class CrashConsistencyHeavy : public ::testing::TestWithParam<CrashCase> {};
 
 TEST_P(CrashConsistencyHeavy, EveryWriteIsACrashPoint) {
-  if (!std::getenv("COWTAP_CRASH_HEAVY")) GTEST_SKIP() << "heavy sweep: export COWTAP_CRASH_HEAVY=1 to run it (label heavy)";
+  if (!std::getenv("COWTAP_CRASH_HEAVY"))
+    GTEST_SKIP() << "heavy sweep: export COWTAP_CRASH_HEAVY=1 to run it (label heavy)";
   RunSweep(GetParam());
 }
 
