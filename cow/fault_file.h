@@ -171,6 +171,7 @@ class FaultInjectingFileSystem final : public FileSystem {
   Result<std::unique_ptr<File>> Open(const std::string& path, const FileOpenOptions& options) override;
   bool Exists(const std::string& path) override { return base_->Exists(path); }
   Status Remove(const std::string& path) override { return base_->Remove(path); }
+  std::string Identity(const std::string& path) override { return base_->Identity(path); }
 
  private:
   FileSystem* const base_;

@@ -71,6 +71,10 @@ class FileSystem {
   virtual Result<std::unique_ptr<File>> Open(const std::string& path, const FileOpenOptions& options) = 0;
   virtual bool Exists(const std::string& path) = 0;
   virtual Status Remove(const std::string& path) = 0;
+  // A key naming the file behind path, equal for every name of one file
+  // (symlinks, "./" forms), so a backing chain that loops is recognised.
+  // The default is the path itself.
+  virtual std::string Identity(const std::string& path) { return path; }
 };
 
 // The process's real file system (POSIX). Never null; not owned by the caller.

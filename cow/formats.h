@@ -14,7 +14,8 @@ namespace cowtap::cow {
 // Each opener takes ownership of the already-open file of the top layer. It
 // parses and validates the header, then asks open_backing for its backing
 // image (if it has one) so the chain is built by image.cc, which tracks depth
-// and loops. path is what the image was opened by (for messages and for
+// and loops. open_backing is valid only during the call: openers must not
+// keep it. path is what the image was opened by (for messages and for
 // resolving relative names, which open_backing does).
 Result<std::unique_ptr<Image>> OpenRawImage(std::unique_ptr<File> file, const std::string& path,
                                             const OpenOptions& options);

@@ -4,8 +4,6 @@
 // to know about chains.
 #include "cow/image.h"
 
-#include <sys/stat.h>
-
 #include <set>
 
 #include "base/endian.h"
@@ -44,15 +42,6 @@ Result<ImageFormat> ProbeFormat(File& file) {
 
 namespace {
 
-// A key that identifies a file across different names for it (symlinks,
-// relative paths): device and inode for real files, the name otherwise.
-std::string FileIdentity(FileSystem* fs, const std::string& path) {
-  struct stat st;
-  if (fs == DefaultFileSystem() && ::stat(path.c_str(), &st) == 0)
-    return std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
-  return path;
-}
-
 struct ChainBuilder {
   const OpenOptions& options;
   FileSystem* fs;
@@ -63,7 +52,7 @@ struct ChainBuilder {
     if (depth > options.max_chain_depth)
       return Status::InvalidArgument(path + ": backing chain is deeper than " +
                                      std::to_string(options.max_chain_depth) + " images");
-    std::string id = FileIdentity(fs, path);
+    std::string id = fs->Identity(path);
     if (!seen.insert(id).second)
       return Status::Corrupt(path + ": backing chain loops (this file is already in the chain)");
     FileOpenOptions fo;

@@ -213,6 +213,12 @@ class PosixFileSystem final : public FileSystem {
     if (::unlink(path.c_str()) != 0) return Status::FromErrno(errno, "unlink " + path);
     return Status::Ok();
   }
+
+  std::string Identity(const std::string& path) override {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) return path;
+    return std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+  }
 };
 
 }  // namespace

@@ -27,9 +27,13 @@ class RawImage final : public Image {
     return file_->WritevAt(offset, iov);
   }
 
-  Status WriteZeroes(uint64_t offset, uint64_t length, bool) override {
+  Status WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) override {
     COWTAP_RETURN_IF_ERROR(Check(offset, length, true));
-    return file_->PunchHole(offset, length);
+    COWTAP_RETURN_IF_ERROR(file_->PunchHole(offset, length));
+    // Without unmap the range must stay allocated (a later write must not
+    // fail for lack of space): reserve it again.
+    if (!may_unmap) return file_->Allocate(offset, length, /*keep_size=*/true);
+    return Status::Ok();
   }
 
   Status Discard(uint64_t offset, uint64_t length) override { return WriteZeroes(offset, length, true); }
@@ -103,6 +107,9 @@ class RawImage final : public Image {
 
 Result<std::unique_ptr<Image>> OpenRawImage(std::unique_ptr<File> file, const std::string& path,
                                             const OpenOptions& options) {
+  if (!options.snapshot.empty())
+    return Status::NotSupported(path + ": raw images have no internal snapshots (asked for '" + options.snapshot +
+                                "')");
   COWTAP_ASSIGN_OR_RETURN(uint64_t size, file->Size());
   ImageInfo info;
   info.format = ImageFormat::kRaw;
