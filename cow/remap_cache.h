@@ -76,6 +76,7 @@ class RemapCache {
   // The slot holding key, or kNoSlot; adds the slots examined to *probes.
   uint64_t Find(uint64_t key, uint64_t* probes) const;
   void EraseSlot(uint64_t index);
+  void EvictNear(uint64_t home);
   void EvictOne();
 
   std::vector<Slot> slots_;

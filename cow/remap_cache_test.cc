@@ -238,6 +238,21 @@ TEST(RemapCacheTest, MissesStopEarlyAtFullDefaultLoad) {
   EXPECT_LT(mean, 4.0);
 }
 
+// A scan (new clusters, never looked up again) through a full cache must not
+// pile entries up anywhere: probes stay short and inserts stay cheap.
+TEST(RemapCacheTest, ScanThroughFullCacheKeepsProbesShort) {
+  RemapCache cache(3072);  // 4096 slots, load 0.75 when full
+  for (uint64_t c = 0; c < 200000; ++c) cache.Insert(c, MakeRemap(c));
+  ASSERT_EQ(cache.Stats().size, 3072u);
+  const RemapCacheStats before = cache.Stats();
+  uint64_t hits = 0;
+  for (uint64_t c = 200000 - 20000; c < 200000; ++c) hits += cache.Lookup(c).has_value();
+  const RemapCacheStats after = cache.Stats();
+  EXPECT_GT(hits, 0u);
+  const double mean = double(after.probes - before.probes) / double(after.lookups - before.lookups);
+  EXPECT_LT(mean, 4.0);
+}
+
 TEST(RemapCacheTest, MemoryBytesScalesWithCapacity) {
   RemapCache small(16), large(1 << 16);
   EXPECT_GT(large.MemoryBytes(), small.MemoryBytes());
