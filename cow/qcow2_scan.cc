@@ -178,8 +178,14 @@ Result<Qcow2RefScan> ScanQcow2References(File& file, const Qcow2Header& h, const
     s.Ref(sn.l1_table_offset, uint64_t{sn.l1_size} * 8, "snapshot L1 table");
     COWTAP_RETURN_IF_ERROR(s.WalkL1(sn.l1_table_offset, sn.l1_size, false));
   }
-  for (const auto& e : h.other_extensions)
-    if (e.type == kQcow2ExtBitmaps) COWTAP_RETURN_IF_ERROR(s.WalkBitmaps(e.data));
+  // With autoclear bit 0 clear, a program without bitmap support (cowtap
+  // among them) has written the image since the bitmaps were saved: they are
+  // inconsistent, and QEMU ignores the extension, so their clusters count as
+  // leaks here too (qemu-img check -r leaks and ours then agree).
+  if (h.autoclear_features & kQcow2AutoclearBitmaps) {
+    for (const auto& e : h.other_extensions)
+      if (e.type == kQcow2ExtBitmaps) COWTAP_RETURN_IF_ERROR(s.WalkBitmaps(e.data));
+  }
   return std::move(s.result());
 }
 
