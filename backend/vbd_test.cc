@@ -111,8 +111,8 @@ class VbdTest : public ::testing::Test {
 };
 
 TEST_F(VbdTest, PublishesFeaturesAndWaitsInInitWait) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   EXPECT_EQ(Be("state"), "2");
   EXPECT_EQ(Be("feature-flush-cache"), "1");
   EXPECT_EQ(Be("feature-barrier"), "1");
@@ -135,9 +135,9 @@ TEST_F(VbdTest, AttachFailsWithoutBackendDirectory) {
 }
 
 TEST_F(VbdTest, HandshakeConnectsAndServesData) {
-  AddVbd();
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   EXPECT_EQ(Be("state"), "4");
   EXPECT_EQ(Be("sectors"), std::to_string((8 << 20) / 512));
   EXPECT_EQ(Be("info"), "0");
@@ -170,8 +170,8 @@ TEST_F(VbdTest, HandshakeConnectsAndServesData) {
 }
 
 TEST_F(VbdTest, X86_32SinglePageLegacyFrontend) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   AttachFront({.abi = xen::BlkifAbi::kX86_32,
                .max_ring_page_order = 0,
                .max_queues = 1,
@@ -185,25 +185,25 @@ TEST_F(VbdTest, X86_32SinglePageLegacyFrontend) {
 }
 
 TEST_F(VbdTest, ReadOnlyModeAdvertisesAndRefusesWrites) {
-  AddVbd(/*writable=*/false);
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd(/*writable=*/false));
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   EXPECT_EQ(Be("info"), "4");
   EXPECT_EQ(Be("feature-discard"), "0");
   EXPECT_TRUE(front_->device().read_only);
 }
 
 TEST_F(VbdTest, CdromIsReadOnlyAndFlagged) {
-  AddVbd(/*writable=*/true, "cdrom");
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd(/*writable=*/true, "cdrom"));
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   EXPECT_EQ(Be("info"), "5");
 }
 
 TEST_F(VbdTest, CloseReleasesEverythingAndReconnectServesAgain) {
-  AddVbd();
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   std::vector<uint8_t> buf(4096, 0x11);
   EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
   EXPECT_GT(hv_->MappedGrantCount(kGuest), 0u);
@@ -214,23 +214,23 @@ TEST_F(VbdTest, CloseReleasesEverythingAndReconnectServesAgain) {
   EXPECT_EQ(front_->leaked_grants(), 0u);
 
   ASSERT_TRUE(front_->Reconnect().ok());
-  EXPECT_EQ(vbd_->state(), XenbusState::kConnected);
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kConnected; }));
   std::vector<uint8_t> in(4096);
   EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
   EXPECT_EQ(in, buf);
 }
 
 TEST_F(VbdTest, ReconnectFasterThanTheWatchIsServed) {
-  AddVbd();
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   ASSERT_TRUE(front_->Disconnect().ok());
   EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kClosed; }));
   // Frontend goes Initialising -> Initialised in one go, as a crude
   // frontend that does not wait for InitWait would (the events coalesce).
   front_.reset();
-  AttachFront({.wait_for_initwait = false});
-  EXPECT_EQ(vbd_->state(), XenbusState::kConnected);
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.wait_for_initwait = false}));
+  EXPECT_TRUE(WaitFor([&] { return vbd_->state() == XenbusState::kConnected; }));
   std::vector<uint8_t> buf(4096, 0x19), in(4096);
   EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
   EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
@@ -238,9 +238,9 @@ TEST_F(VbdTest, ReconnectFasterThanTheWatchIsServed) {
 }
 
 TEST_F(VbdTest, GuestDeathTearsDown) {
-  AddVbd();
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   std::vector<uint8_t> buf(4096, 0x22);
   EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
   ASSERT_TRUE(hv_->DestroyDomain(kGuest).ok());
@@ -250,9 +250,9 @@ TEST_F(VbdTest, GuestDeathTearsDown) {
 }
 
 TEST_F(VbdTest, ResizeWhileConnectedUpdatesSectors) {
-  AddVbd();
-  AttachVbd();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   device_->Resize(16 << 20);
   vbd_->Resize();
   EXPECT_TRUE(WaitFor([&] { return Be("sectors") == std::to_string((16 << 20) / 512); }));
@@ -264,9 +264,9 @@ TEST_F(VbdTest, ResizeWhileConnectedUpdatesSectors) {
 }
 
 TEST_F(VbdTest, GarbageSlotsAreAnsweredAndTheQueueKeepsServing) {
-  AddVbd();
-  AttachVbd();
-  AttachFront({.max_queues = 1});
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.max_queues = 1}));
   ASSERT_TRUE(front_->InjectGarbage(0, 20, 1234).ok());
   EXPECT_TRUE(WaitFor([&] { return vbd_->stats().requests >= 20; }));
   VbdStats s = vbd_->stats();
@@ -280,9 +280,9 @@ TEST_F(VbdTest, GarbageSlotsAreAnsweredAndTheQueueKeepsServing) {
 }
 
 TEST_F(VbdTest, NotificationFloodIsHarmless) {
-  AddVbd();
-  AttachVbd();
-  AttachFront({.max_queues = 1});
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.max_queues = 1}));
   ASSERT_TRUE(front_->NotifyFlood(0, 5000).ok());
   std::vector<uint8_t> buf(4096, 0x12);
   EXPECT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
@@ -290,9 +290,9 @@ TEST_F(VbdTest, NotificationFloodIsHarmless) {
 }
 
 TEST_F(VbdTest, RacingReqProdHaltsOneQueueAndTeardownStillReleasesAll) {
-  AddVbd();
-  AttachVbd();
-  AttachFront({.max_queues = 2});
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.max_queues = 2}));
   ASSERT_EQ(front_->device().num_queues, 2u);
   ASSERT_TRUE(front_->RaceReqProd(1, 7).ok());
   EXPECT_TRUE(WaitFor([&] { return vbd_->stats().halted_queues == 1; }));
@@ -303,9 +303,9 @@ TEST_F(VbdTest, RacingReqProdHaltsOneQueueAndTeardownStillReleasesAll) {
 }
 
 TEST_F(VbdTest, GrantRevokedBeforePushFailsOnlyThatRequest) {
-  AddVbd();
-  AttachVbd();
-  AttachFront({.max_queues = 1, .persistent_grants = false});
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.max_queues = 1, .persistent_grants = false}));
   std::vector<uint8_t> buf(4096, 0x31);
   ASSERT_TRUE(front_
                   ->SubmitThenRevoke(
@@ -356,14 +356,14 @@ TEST_F(VbdTest, ServesQcow2OverlayOverReadOnlyBase) {
   ASSERT_TRUE(overlay.ok()) << overlay.status().ToString();
   std::shared_ptr<cow::Image> image = std::move(overlay).value();
 
-  AddVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
   VbdOptions options;
   options.frontend_domid = kGuest;
   options.devid = kDevid;
   auto vbd = Vbd::Attach(*platform_, options, NewImageBlockDevice(image));
   ASSERT_TRUE(vbd.ok()) << vbd.status().ToString();
   vbd_ = std::move(vbd).value();
-  AttachFront();
+  ASSERT_NO_FATAL_FAILURE(AttachFront());
   EXPECT_EQ(Be("sectors"), std::to_string((4 << 20) / 512));
   EXPECT_EQ(Be("physical-sector-size"), "4096");
   EXPECT_EQ(Be("discard-granularity"), "65536");
@@ -407,50 +407,50 @@ class CrudeFrontendTest : public VbdTest {
 };
 
 TEST_F(CrudeFrontendTest, NonNumericRingRefClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"ring-ref", "12abc"}, {"event-channel", "5"}});
   ExpectClosingWith("ring-ref");
 }
 
 TEST_F(CrudeFrontendTest, MissingEventChannelClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"ring-ref", "8"}});
   ExpectClosingWith("event-channel");
 }
 
 TEST_F(CrudeFrontendTest, RingOrderAboveOfferClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"ring-page-order", "5"}, {"ring-ref0", "8"}, {"event-channel", "5"}});
   ExpectClosingWith("ring-page-order");
 }
 
 TEST_F(CrudeFrontendTest, TooManyQueuesClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"multi-queue-num-queues", "5"}});
   ExpectClosingWith("multi-queue-num-queues");
 }
 
 TEST_F(CrudeFrontendTest, UnknownProtocolClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"protocol", "arm-abi"}, {"ring-ref", "8"}, {"event-channel", "5"}});
   ExpectClosingWith("arm-abi");
 }
 
 TEST_F(CrudeFrontendTest, UngrantedRingRefClosesTheVbd) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   Publish({{"ring-ref", "4000"}, {"event-channel", "5"}});
   ExpectClosingWith("queue 0");
 }
 
 TEST_F(CrudeFrontendTest, GarbageStateIsAnErrorNotACrash) {
-  AddVbd();
-  AttachVbd();
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
   auto store = std::move(guest_->OpenXenStore()).value();
   ASSERT_TRUE(store->Write(xen::XsJoin(FeDir(), "state"), "-1").ok());
   ExpectClosingWith("state");

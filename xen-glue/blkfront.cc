@@ -226,6 +226,12 @@ Status BlkFront::Handshake() {
   COWTAP_RETURN_IF_ERROR(SetupQueues());
   COWTAP_RETURN_IF_ERROR(PublishKeys());
   COWTAP_RETURN_IF_ERROR(SetFrontendState(kInitialised));
+  if (!options_.wait_for_initwait) {
+    // Without waiting for InitWait the backend may still show Closing/Closed
+    // from an earlier session (its watch on our state has not run yet): that
+    // is not a refusal. Wait until it has moved on.
+    COWTAP_RETURN_IF_ERROR(WaitBackendState({kInitWait, kInitialised, kConnected}, &seen));
+  }
   COWTAP_RETURN_IF_ERROR(WaitBackendState({kConnected, kClosing, kClosed}, &seen));
   if (seen != kConnected) {
     return Status::IoError(fmt::format("blkfront {}: backend {} refused the connection (went to state {}); see "
