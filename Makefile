@@ -5,7 +5,9 @@ PRESET ?= default
 BUILD_DIR := $(if $(filter asan,$(PRESET)),build-asan,build)
 JOBS ?= $(shell nproc)
 
-.PHONY: all deps configure build run test test-asan test-heavy clean
+FUZZ_SECONDS ?= 30
+
+.PHONY: all deps configure build run test test-asan test-heavy fuzz clean
 
 all: build
 
@@ -29,6 +31,13 @@ test-asan:
 
 test-heavy: build
 	@ctest --test-dir $(BUILD_DIR) -L heavy --output-on-failure
+
+# libFuzzer targets (clang), each for FUZZ_SECONDS over the seeds in tests/fuzz/.
+fuzz: deps
+	@test -f build-fuzz/build.ninja || cmake --preset fuzz
+	@cmake -S . -B build-fuzz -DCOWTAP_FUZZ_SECONDS=$(FUZZ_SECONDS) > /dev/null
+	@cmake --build build-fuzz -j $(JOBS) --target backend_request_fuzz
+	@ctest --test-dir build-fuzz -L fuzz --output-on-failure
 
 clean:
 	rm -rf build build-asan build-fuzz
