@@ -5,6 +5,9 @@
 // rules, Map(), the remap cache, and the external data file.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <thread>
 
@@ -497,6 +500,37 @@ TEST_F(Qcow2EngineTest, L2CacheSizeFollowsOptionsAndImage) {
 TEST_F(Qcow2EngineTest, CheckNotSupportedForRaw) {
   Create("a.raw", 1 << 20, [](CreateOptions& c) { c.format = ImageFormat::kRaw; });
   EXPECT_EQ(CheckExit("a.raw"), 63);
+}
+
+}  // namespace
+}  // namespace cowtap::cow
+
+namespace cowtap::cow {
+namespace {
+
+// A thin overlay must not keep the space reserved ahead of use once closed
+// (SAN boot keeps hundreds of them), and must reserve little while open.
+TEST(Qcow2SpaceTest, ThinOverlayReservesLittleAndReturnsItOnClose) {
+  char dir_template[] = "/tmp/cowtap-space-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string path = std::string(dir_template) + "/thin.qcow2";
+  CreateOptions co;
+  co.size_bytes = 1ull << 30;
+  ASSERT_TRUE(CreateImage(path, co).ok());
+  auto image = OpenImage(path);
+  ASSERT_TRUE(image.ok()) << image.status().ToString();
+  std::vector<uint8_t> data(65536, 0x5a);
+  iovec v{data.data(), data.size()};
+  ASSERT_TRUE((*image)->Write(0, {&v, 1}).ok());
+  ASSERT_TRUE((*image)->Flush().ok());
+  struct stat st;
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_LE(uint64_t(st.st_blocks) * 512, uint64_t(st.st_size) + (2ull << 20)) << "reserved too much ahead while open";
+  ASSERT_TRUE((*image)->Close().ok());
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_LE(uint64_t(st.st_blocks) * 512, uint64_t(st.st_size) + 4096) << "reservation past EOF kept after Close";
+  ::unlink(path.c_str());
+  ::rmdir(dir_template);
 }
 
 }  // namespace
