@@ -84,9 +84,20 @@ Status GrantPages::Map(std::span<const xen::GrantRef> refs, bool writable, std::
 }
 
 void GrantPages::Insert(xen::GrantRef ref, PageRef page) {
+  // A batch stays mapped while any of its pages is cached, so the bound is
+  // on pages pinned by cached batches, not only on entries: otherwise a
+  // guest touching one page of each old batch keeps whole batches mapped.
+  const xen::GrantMapping* batch = page.mapping.get();
+  if (batch_entries_[batch]++ == 0) pinned_pages_ += batch->pages();
   lru_.emplace_front(ref, std::move(page));
   index_[ref] = lru_.begin();
-  while (lru_.size() > max_entries_) {
+  while (!lru_.empty() && (lru_.size() > max_entries_ || pinned_pages_ > max_entries_)) {
+    const xen::GrantMapping* victim = lru_.back().second.mapping.get();
+    auto it = batch_entries_.find(victim);
+    if (--it->second == 0) {
+      pinned_pages_ -= victim->pages();
+      batch_entries_.erase(it);
+    }
     index_.erase(lru_.back().first);
     lru_.pop_back();
     ++evictions_;
@@ -96,6 +107,8 @@ void GrantPages::Insert(xen::GrantRef ref, PageRef page) {
 void GrantPages::Clear() {
   index_.clear();
   lru_.clear();
+  batch_entries_.clear();
+  pinned_pages_ = 0;
 }
 
 }  // namespace cowtap::backend

@@ -58,6 +58,8 @@ class GrantPages {
   void Clear();
 
   size_t cached() const { return lru_.size(); }
+  // Guest pages kept mapped by the cache (at most max_entries).
+  size_t pinned_pages() const { return pinned_pages_; }
   uint64_t map_calls() const { return map_calls_; }
   uint64_t hits() const { return hits_; }
   uint64_t evictions() const { return evictions_; }
@@ -74,6 +76,9 @@ class GrantPages {
   // Most recently used at the front.
   std::list<std::pair<xen::GrantRef, PageRef>> lru_;
   std::unordered_map<xen::GrantRef, std::list<std::pair<xen::GrantRef, PageRef>>::iterator> index_;
+  // Cached entries per mapped batch, and the pages of batches with any.
+  std::unordered_map<const xen::GrantMapping*, size_t> batch_entries_;
+  size_t pinned_pages_ = 0;
   uint64_t map_calls_ = 0;
   uint64_t hits_ = 0;
   uint64_t evictions_ = 0;

@@ -164,3 +164,31 @@ TEST(GrantPagesTest, LargeRequestsAreSplitIntoBatches) {
 
 }  // namespace
 }  // namespace cowtap::backend
+
+namespace cowtap::backend {
+namespace {
+
+// A guest that re-touches one page of each large batch must not keep every
+// batch mapped: the bound is on pages, not cache entries.
+TEST(GrantPagesTest, CacheBoundsPinnedPagesNotOnlyEntries) {
+  FakeGrantTable table;
+  GrantPages pages(table, 3, /*persistent=*/true, 64);
+  std::vector<PageRef> out;
+  std::vector<xen::GrantRef> keep;
+  for (xen::GrantRef base = 1000; base < 1000 + 20 * 32; base += 32) {
+    std::vector<xen::GrantRef> batch;
+    for (xen::GrantRef r = base; r < base + 32; ++r) batch.push_back(r);
+    ASSERT_TRUE(pages.Map(batch, false, &out).ok());
+    out.clear();
+    keep.push_back(base);
+    for (xen::GrantRef r : keep) {  // keep one page of every batch hot
+      ASSERT_TRUE(pages.Map(std::span(&r, 1), false, &out).ok());
+      out.clear();
+    }
+    EXPECT_LE(pages.pinned_pages(), 64u);
+    EXPECT_LE(table.live_pages, 64u) << "batch at " << base;
+  }
+}
+
+}  // namespace
+}  // namespace cowtap::backend

@@ -30,6 +30,10 @@ Status InflateRaw(std::span<const uint8_t> in, std::span<uint8_t> out, const std
 Status DecompressZstd(std::span<const uint8_t> in, std::span<uint8_t> out, const std::string& what) {
   ZSTD_DCtx* ctx = ZSTD_createDCtx();
   if (!ctx) return Status::Internal("ZSTD_createDCtx failed");
+  // A cluster is at most 2 MiB and written as one frame, so a frame asking
+  // for a larger window (the image chooses) is refused instead of served
+  // with a window buffer of up to 128 MiB.
+  ZSTD_DCtx_setParameter(ctx, ZSTD_d_windowLogMax, 21);
   ZSTD_inBuffer ib{in.data(), in.size(), 0};
   ZSTD_outBuffer ob{out.data(), out.size(), 0};
   size_t rc = 0;

@@ -409,7 +409,9 @@ Result<Qcow2Snapshot> ParseQcow2Snapshot(std::span<const uint8_t> e, const Qcow2
   s.vm_clock_nsec = LoadBe64(p + 24);
   s.vm_state_size32 = LoadBe32(p + 32);
   uint32_t extra = LoadBe32(p + 36);
-  if (extra > 1024) return bad("extra data of " + std::to_string(extra) + " bytes is above 1024");
+  if (extra > kQcow2MaxSnapshotExtraBytes)
+    return bad("extra data of " + std::to_string(extra) + " bytes is above " +
+               std::to_string(kQcow2MaxSnapshotExtraBytes));
   s.extra_data.assign(p + 40, p + 40 + extra);
   s.vm_state_size = s.vm_state_size32;
   if (extra >= 8) s.vm_state_size = LoadBe64(p + 40);

@@ -49,6 +49,9 @@ inline constexpr uint64_t kQcow2OffAutoclear = 88;
 // Limits (QEMU's, so that every image we accept QEMU accepts too).
 inline constexpr uint64_t kQcow2MaxHostOffset = 1ull << 56;
 inline constexpr uint64_t kQcow2MaxL1Bytes = 32ull << 20;
+// Limits on image-chosen sizes that cowtap allocates for (QEMU's own).
+inline constexpr uint32_t kQcow2MaxSnapshotExtraBytes = 1024;
+inline constexpr uint32_t kQcow2MaxBitmapTableEntries = 0x8000000;
 inline constexpr uint64_t kQcow2MaxRefcountTableBytes = 8ull << 20;
 inline constexpr uint32_t kQcow2MaxBackingNameBytes = 1023;
 inline constexpr uint32_t kQcow2MaxSnapshots = 65536;

@@ -118,7 +118,9 @@ Result<std::pair<uint64_t, uint64_t>> Qcow2Refcounts::AllocateRun(uint64_t max_c
       ++run;
     }
     for (uint64_t i = 0; i < run; ++i) COWTAP_RETURN_IF_ERROR(Set(c + i, 1));
-    if (c == start && start == free_hint_) free_hint_ = c + run;
+    // Every cluster in [start, c) was just seen in use: the next search may
+    // begin after this run (the hint moves back down when a cluster is freed).
+    if (start == free_hint_) free_hint_ = c + run;
     return std::make_pair(c << geometry_.cluster_bits, run);
   }
 }

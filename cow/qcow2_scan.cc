@@ -134,6 +134,11 @@ class Scanner {
         Corrupt("ERROR bitmap table at " + Hex(table_off) + " lies beyond the end of the file");
         continue;
       }
+      if (table_size > kQcow2MaxBitmapTableEntries) {
+        Corrupt("ERROR bitmap table at " + Hex(table_off) + " has " + std::to_string(table_size) +
+                " entries (at most " + std::to_string(kQcow2MaxBitmapTableEntries) + ")");
+        continue;
+      }
       Ref(table_off, uint64_t{table_size} * 8, "bitmap table");
       std::vector<uint8_t> t(uint64_t{table_size} * 8);
       COWTAP_RETURN_IF_ERROR(file_.ReadAt(table_off, t));
@@ -211,6 +216,12 @@ Result<std::vector<Qcow2Snapshot>> ReadQcow2SnapshotTable(File& file, const Qcow
       return Status::Corrupt(path + ": snapshot table entry " + std::to_string(i) + " lies beyond the end of file");
     COWTAP_RETURN_IF_ERROR(file.ReadAt(off, fixed));
     uint64_t n = Qcow2SnapshotEntryBytes(fixed);
+    // Bound the image-chosen size before allocating for it (the parser
+    // refuses the same limit on the entry it is given).
+    if (LoadBe32(fixed + 36) > kQcow2MaxSnapshotExtraBytes)
+      return Status::Corrupt(path + ": snapshot table entry " + std::to_string(i) + " has " +
+                             std::to_string(LoadBe32(fixed + 36)) + " bytes of extra data (at most " +
+                             std::to_string(kQcow2MaxSnapshotExtraBytes) + ")");
     // QEMU does not write the padding of the last entry, so only the
     // unpadded bytes must lie inside the file.
     uint64_t unpadded =
