@@ -91,7 +91,7 @@ DeviceLimits Vbd::Limits(bool large_sector_size) const {
   l.read_only = read_only_;
   l.flush = options_.flush;
   l.barrier = options_.barrier;
-  l.discard = device_->supports_discard() && !read_only_;
+  l.discard = device_->supports_discard() && !read_only_ && discard_enabled_;
   l.discard_secure = l.discard && device_->supports_secure_discard();
   l.max_indirect_segments = options_.max_indirect_segments;
   return l;
@@ -101,8 +101,9 @@ Status Vbd::PublishFeatures() {
   bool discard_enable = true;
   auto enable = store_->Read(xen::XsJoin(backend_path_, "discard-enable"));
   if (enable.ok()) discard_enable = *enable != "0";
+  // What is advertised is also what the rings enforce (Limits()).
+  discard_enabled_ = discard_enable;
   DeviceLimits l = Limits(false);
-  l.discard = l.discard && discard_enable;
   const uint32_t granularity = std::max<uint32_t>(device_->discard_granularity_bytes(), 512);
   Status s = xen::RunXsTransaction(*store_, [&](xen::XsTransaction tx) -> Status {
     auto write = [&](const char* key, std::string value) {

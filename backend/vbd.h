@@ -126,6 +126,7 @@ class Vbd {
   std::string frontend_path_;
   std::string name_;  // "vbd <domid>/<devid>" for logs
   bool read_only_ = false;
+  bool discard_enabled_ = true;  // the toolstack's discard-enable key
   bool cdrom_ = false;
   std::unique_ptr<xen::XenStore> store_;  // control thread only (after Init)
   std::thread thread_;

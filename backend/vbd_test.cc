@@ -321,6 +321,33 @@ TEST_F(VbdTest, GrantRevokedBeforePushFailsOnlyThatRequest) {
   EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
 }
 
+// discard-enable=0 from the toolstack is not only advertised but enforced:
+// a guest that sends DISCARD anyway gets EOPNOTSUPP and nothing is discarded.
+TEST_F(VbdTest, DiscardDisabledByToolstackIsRefusedEvenIfSent) {
+  ASSERT_NO_FATAL_FAILURE(AddVbd());
+  ASSERT_TRUE(xs_->Write(xen::XsJoin(xen::XsBackendDir(xen::kDom0, "vbd", kGuest, kDevid), "discard-enable"), "0")
+                  .ok());
+  ASSERT_NO_FATAL_FAILURE(AttachVbd());
+  ASSERT_NO_FATAL_FAILURE(AttachFront({.max_queues = 1}));
+  EXPECT_EQ(Be("feature-discard"), "0");
+  std::vector<uint8_t> buf(4096, 0x42);
+  ASSERT_EQ(Io(xen::BlkOp::kWrite, 0, 8, buf.data()), 0);
+  xen::BlkifRequest req;
+  req.operation = xen::kBlkifOpDiscard;
+  req.id = 91;
+  req.sector_number = 0;
+  req.nr_sectors = 8;
+  ASSERT_TRUE(front_->SubmitRaw(0, req, 91).ok());
+  std::vector<xen::BlkCompletion> done;
+  for (int i = 0; i < 100 && done.empty(); ++i) ASSERT_TRUE(front_->Poll(&done, 50).ok());
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].cookie, 91u);
+  EXPECT_EQ(done[0].status, -2);
+  std::vector<uint8_t> in(4096);
+  EXPECT_EQ(Io(xen::BlkOp::kRead, 0, 8, in.data()), 0);
+  EXPECT_EQ(in, buf);
+}
+
 // The whole stack: guest -> ring -> Vbd -> image adapter -> qcow2 overlay
 // over a raw base the guest must never modify.
 TEST_F(VbdTest, ServesQcow2OverlayOverReadOnlyBase) {
