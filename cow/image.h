@@ -21,10 +21,9 @@
 #include "base/iovec.h"
 #include "base/status.h"
 #include "cow/file.h"
+#include "cow/remap_cache.h"
 
 namespace cowtap::cow {
-
-class RemapCache;
 
 enum class ImageFormat { kRaw, kQcow, kQcow2 };
 
@@ -140,8 +139,13 @@ class Image {
 
   // The image below this one, or null.
   virtual std::shared_ptr<Image> backing() const = 0;
-  // The layer's remap cache (qcow2/qcow), or null.
+  // The layer's remap cache (qcow2/qcow), or null. Not synchronized: for
+  // reports and tests while no I/O runs; during I/O use LookupRemap().
   virtual RemapCache* remap_cache() { return nullptr; }
+  // What this layer's remap cache knows of a virtual cluster, looked up
+  // under the layer's own lock (safe while other threads do I/O on it, as
+  // overlays sharing one base do).
+  virtual std::optional<Remap> LookupRemap(uint64_t virtual_cluster) { return std::nullopt; }
 };
 
 // Resolves a backing reference to an open image (read-only). Passed to the

@@ -49,6 +49,10 @@ class Qcow2Image final : public Image {
   Status Close() override;
   std::shared_ptr<Image> backing() const override { return backing_; }
   RemapCache* remap_cache() override { return remap_.get(); }
+  std::optional<Remap> LookupRemap(uint64_t virtual_cluster) override {
+    std::lock_guard lock(mu_);
+    return remap_ ? remap_->Lookup(virtual_cluster) : std::nullopt;
+  }
 
   // For tests and tools: the parsed header and the refcount structure (null
   // when opened read-only).

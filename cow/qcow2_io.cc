@@ -190,8 +190,9 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
       // image with its own remap cache (same cluster size) says where.
       if (backing_->info().format == ImageFormat::kRaw) {
         remap_->Insert(vc, Remap{vc * cluster_size_, 1, Remap::kBacking});
-      } else if (RemapCache* below = backing_->remap_cache(); below && backing_->info().cluster_size == cluster_size_) {
-        if (auto m = below->Lookup(vc); m && m->layer < 0xfffe) {
+      } else if (backing_->info().cluster_size == cluster_size_) {
+        // Under the backing layer's own lock: a base may serve many overlays.
+        if (auto m = backing_->LookupRemap(vc); m && m->layer < 0xfffe) {
           uint8_t flags = (m->flags & Remap::kZero) ? Remap::kZero : Remap::kBacking;
           remap_->Insert(vc, Remap{m->host_offset, static_cast<uint16_t>(m->layer + 1), flags});
         }

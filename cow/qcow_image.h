@@ -73,6 +73,10 @@ class QcowImage final : public Image {
   // nothing below them (kZero). Entries are invalidated before the mapping
   // changes. Not synchronized: use it only while no request is in flight.
   RemapCache* remap_cache() override { return remap_.get(); }
+  std::optional<Remap> LookupRemap(uint64_t virtual_cluster) override {
+    std::lock_guard lock(mu_);
+    return remap_ ? remap_->Lookup(virtual_cluster) : std::nullopt;
+  }
 
   Status Read(uint64_t offset, IoVecs iov) override;
   Status Write(uint64_t offset, IoVecs iov) override;
