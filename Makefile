@@ -32,7 +32,7 @@ test-asan:
 test-heavy: build
 	@ctest --test-dir $(BUILD_DIR) -L heavy --output-on-failure
 
-# libFuzzer targets (clang), each for FUZZ_SECONDS over the seeds in tests/fuzz/.
+# The libFuzzer target (clang) for FUZZ_SECONDS over the seeds in tests/fuzz/.
 fuzz: deps
 	@test -f build-fuzz/build.ninja || cmake --preset fuzz
 	@cmake -S . -B build-fuzz -DCOWTAP_FUZZ_SECONDS=$(FUZZ_SECONDS) > /dev/null

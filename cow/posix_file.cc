@@ -4,6 +4,8 @@
 // through an aligned bounce buffer.
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -89,6 +91,11 @@ class PosixFile final : public File {
   Result<uint64_t> Size() override {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, "fstat " + path_);
+    if (S_ISBLK(st.st_mode)) {  // an LVM or SAN volume: st_size is 0
+      uint64_t bytes = 0;
+      if (::ioctl(fd_, BLKGETSIZE64, &bytes) != 0) return Status::FromErrno(errno, "BLKGETSIZE64 " + path_);
+      return bytes;
+    }
     return static_cast<uint64_t>(st.st_size);
   }
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages cowtap needs to build, test and run. Idempotent:
 # asks dpkg first and runs apt-get only for what is missing.
-#   tools/install-deps.sh            build + test packages
-#   tools/install-deps.sh --fuzz     also clang's libFuzzer/sanitizer runtime
+# The list includes clang and its runtime for `make fuzz`.
 set -euo pipefail
 
 packages=(
