@@ -535,3 +535,43 @@ TEST(Qcow2SpaceTest, ThinOverlayReservesLittleAndReturnsItOnClose) {
 
 }  // namespace
 }  // namespace cowtap::cow
+
+#include "cow/fault_file.h"
+
+namespace cowtap::cow {
+namespace {
+
+// A write refused for lack of space leaks nothing, however often the guest
+// retries, and succeeds once space returns.
+TEST(Qcow2SpaceTest, WritesRefusedForNoSpaceLeakNoClusters) {
+  auto mem = NewMemFileSystem();
+  FaultInjectingFileSystem fs(mem.get());
+  CreateOptions co;
+  co.size_bytes = 64ull << 20;
+  co.fs = mem.get();
+  ASSERT_TRUE(CreateImage("full.qcow2", co).ok());
+  auto faults = fs.Target("full.qcow2");
+  faults->AddFault({.op = FaultOp::kAllocate, .trigger = FaultTrigger::kAfterN, .n = 0, .errno_value = ENOSPC});
+  OpenOptions oo;
+  oo.fs = &fs;
+  auto image = OpenImage("full.qcow2", oo);
+  ASSERT_TRUE(image.ok()) << image.status().ToString();
+  std::vector<uint8_t> data(65536, 0x77);
+  iovec v{data.data(), data.size()};
+  for (int retry = 0; retry < 20; ++retry) {
+    EXPECT_EQ((*image)->Write(uint64_t(retry) << 16, {&v, 1}).code(), ErrorCode::kNoSpace);
+  }
+  faults->ClearFaults();
+  ASSERT_TRUE((*image)->Write(0, {&v, 1}).ok());
+  ASSERT_TRUE((*image)->Close().ok());
+  image = Status::Cancelled("closed");
+  CheckOptions check;
+  check.fs = mem.get();
+  auto r = CheckImage("full.qcow2", check);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->leaks, 0u);
+  EXPECT_EQ(r->corruptions, 0u);
+}
+
+}  // namespace
+}  // namespace cowtap::cow

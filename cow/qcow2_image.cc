@@ -219,7 +219,13 @@ Result<std::pair<uint64_t, uint64_t>> Qcow2Image::AllocateClusters(uint64_t max_
     uint64_t step = std::clamp<uint64_t>(file_size_ / 4, kMinGrowStepBytes, kMaxGrowStepBytes);
     step = std::max<uint64_t>(step, end - from);
     Status s = file_->Allocate(from, step, /*keep_size=*/true);
-    if (s.code() == ErrorCode::kNoSpace) return s;
+    if (s.code() == ErrorCode::kNoSpace) {
+      // Nothing references the run yet: give it back, or every retry of a
+      // write on a full disk would leak clusters.
+      const uint64_t first = got.first / cluster_size_;
+      for (uint64_t i = 0; i < got.second; ++i) refcounts_->Set(first + i, 0).IgnoreError();
+      return s;
+    }
     prealloc_end_ = from + step;
   }
   file_size_ = std::max(file_size_, end);
