@@ -88,6 +88,14 @@ class BlockDevice {
   // or another. REQUIRES: io.iov's memory stays valid until done runs.
   // The default executes synchronously through the methods above.
   virtual void Submit(const BlockIo& io, BlockCompletion done);
+
+  // Batching hints from a caller about to Submit() several I/Os from one
+  // thread (the ring server brackets each pass over its ring with them):
+  // between Plug() and Unplug() on a thread the device may hold that
+  // thread's submissions back and start them together at Unplug() (one
+  // io_uring_submit per ring wakeup). Calls nest; the defaults do nothing.
+  virtual void Plug() {}
+  virtual void Unplug() {}
 };
 
 struct ImageDeviceOptions {

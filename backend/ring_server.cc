@@ -230,11 +230,13 @@ void RingServer::Impl::ConsumeRequests() {
     return;
   }
   uint64_t batch = 0;
+  device_->Plug();
   while (!Blocked() && ring_->HasRequest()) {
     Request request = ring_->TakeRequest();
     ++batch;
     HandleRequest(request);
   }
+  device_->Unplug();
   stats_.requests.fetch_add(batch, std::memory_order_relaxed);
   if (batch > stats_.max_batch.load(std::memory_order_relaxed)) stats_.max_batch.store(batch);
 }

@@ -20,6 +20,12 @@ Status File::WritevAt(uint64_t offset, IoVecs iov) {
   return Status::Ok();
 }
 
+void File::SubmitReadv(uint64_t offset, IoVecs iov, FileCompletion done) { done(ReadvAt(offset, iov)); }
+
+void File::SubmitWritev(uint64_t offset, IoVecs iov, FileCompletion done) { done(WritevAt(offset, iov)); }
+
+void File::SubmitFlush(FileCompletion done) { done(Flush()); }
+
 std::string ResolveRelativePath(const std::string& relative_to, const std::string& name) {
   if (name.empty() || name[0] == '/') return name;
   auto slash = relative_to.rfind('/');

@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -20,6 +21,10 @@
 #include "base/status.h"
 
 namespace cowtap::cow {
+
+// Outcome of an asynchronous file operation; called exactly once, on the
+// submitting thread or another (an io_uring completion thread).
+using FileCompletion = std::function<void(Status)>;
 
 class File {
  public:
@@ -39,6 +44,15 @@ class File {
   virtual Status WritevAt(uint64_t offset, IoVecs iov);
   // Makes every completed write durable (fdatasync).
   virtual Status Flush() = 0;
+  // Asynchronous forms of ReadvAt/WritevAt/Flush: start the operation and
+  // call done exactly once with its outcome (same semantics as the
+  // synchronous form, including zeros past end of file for reads).
+  // REQUIRES: iov's array and memory stay valid until done runs. The
+  // defaults run the synchronous form inline, so every File supports them;
+  // files with an OS descriptor override them with io_uring.
+  virtual void SubmitReadv(uint64_t offset, IoVecs iov, FileCompletion done);
+  virtual void SubmitWritev(uint64_t offset, IoVecs iov, FileCompletion done);
+  virtual void SubmitFlush(FileCompletion done);
   virtual Result<uint64_t> Size() = 0;
   virtual Status Truncate(uint64_t size_bytes) = 0;
   // Reserves space for [offset, offset + length) (fallocate). With keep_size
