@@ -1,0 +1,75 @@
+// DaemonControl: what the control socket (control_server.h) can ask of the
+// running daemon. The daemon (daemon.h) implements it; the control server
+// turns JSON messages into these calls and their results into JSON replies.
+// Kept as an interface so the server is tested against a fake.
+//
+// Naming: a VBD is identified as "<domid>/<devid>" (e.g. "5/51712"), the way
+// xenstore names its backend directory.
+//
+// Thread-safety: implementations are thread-safe; the control server may
+// call from its own thread while the daemon serves I/O.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace cowtap::daemon {
+
+// A VBD for the toolstack to create (on the simulated platform the daemon
+// plays the toolstack and writes the xenstore directories itself; on real
+// Xen, libxl/xl does, and attach is refused with kUnimplemented).
+struct AttachSpec {
+  uint32_t domid = 0;
+  uint32_t devid = 51712;  // xvda
+  std::string image;       // path of the top image
+  std::string format;      // "qcow2", "qcow", "raw" or "" (probe)
+  bool writable = true;
+};
+
+// Per-VBD figures. Counters are totals since attach.
+struct VbdStatsSnapshot {
+  std::string id;      // "<domid>/<devid>"
+  std::string image;   // top image path
+  std::string format;  // qcow2 | qcow | raw
+  std::string state;   // xenbus state name, or "paused"
+  bool paused = false;
+  uint64_t reads = 0, writes = 0, flushes = 0, discards = 0, errors = 0;
+  uint64_t bytes_read = 0, bytes_written = 0;
+  uint32_t queues = 0, queue_depth = 0;  // queue_depth: requests in flight now
+  // Latency histogram: counts of requests whose service time was below
+  // 2^i microseconds (i = 0..latency_us_log2.size()-1; the last bucket is
+  // open-ended).
+  std::vector<uint64_t> latency_us_log2;
+  uint64_t remap_lookups = 0, remap_hits = 0;
+  double remap_mean_probe = 0;
+  uint64_t fast_path_ios = 0, slow_path_ios = 0, allocations = 0;
+  uint64_t memory_bytes = 0;  // caches and mapped pages this VBD holds
+};
+
+class DaemonControl {
+ public:
+  virtual ~DaemonControl() = default;
+
+  virtual std::vector<VbdStatsSnapshot> List() = 0;
+  virtual Status Attach(const AttachSpec& spec) = 0;
+  // Disconnects the guest cleanly (flush, close image, release grants).
+  virtual Status Detach(const std::string& id) = 0;
+  // Pause stops taking requests, waits for in-flight I/O, flushes; returns
+  // when the image is consistent on disk (snapshot/migration point).
+  virtual Status Pause(const std::string& id) = 0;
+  virtual Status Resume(const std::string& id) = 0;
+  virtual Result<VbdStatsSnapshot> Stats(const std::string& id) = 0;
+  // "trace".."critical", "off"; kInvalidArgument for anything else.
+  virtual Status SetLogLevel(const std::string& level) = 0;
+  // Exports a VBD ("<domid>/<devid>") or an image path over NBD at
+  // `address` ("unix:/path" or "tcp:127.0.0.1:port"); returns the address
+  // actually bound (tcp port 0 picks a free port).
+  virtual Result<std::string> Export(const std::string& what, const std::string& address,
+                                     bool read_only) = 0;
+  virtual Status Unexport(const std::string& address) = 0;
+};
+
+}  // namespace cowtap::daemon
