@@ -36,7 +36,7 @@ test-heavy: build
 fuzz: deps
 	@test -f build-fuzz/build.ninja || cmake --preset fuzz
 	@cmake -S . -B build-fuzz -DCOWTAP_FUZZ_SECONDS=$(FUZZ_SECONDS) > /dev/null
-	@cmake --build build-fuzz -j $(JOBS) --target backend_request_fuzz
+	@cmake --build build-fuzz -j $(JOBS) --target cowtap_fuzzers
 	@ctest --test-dir build-fuzz -L fuzz --output-on-failure
 
 clean:

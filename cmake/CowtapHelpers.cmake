@@ -34,3 +34,34 @@ function(cowtap_label_discovered_tests target)
     "if(${target}_TESTS)\n  set_tests_properties(\${${target}_TESTS} PROPERTIES LABELS \"${labels}\")\nendif()\n")
   set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES ${file})
 endfunction()
+
+# cowtap_fuzzer(NAME SOURCES src... DEPS lib... SEEDS dir): a libFuzzer target
+# (only in fuzz builds: -DCOWTAP_FUZZ=ON with clang, see the fuzz preset) and
+# its bounded ctest run over the committed seeds in SEEDS (label fuzz, time
+# COWTAP_FUZZ_SECONDS). New inputs it finds go to the build tree's corpus,
+# never into the source tree. Every fuzzer joins the target cowtap_fuzzers,
+# which `make fuzz` builds.
+function(cowtap_fuzzer name)
+  cmake_parse_arguments(ARG "" "SEEDS" "SOURCES;DEPS" ${ARGN})
+  if(NOT COWTAP_FUZZ)
+    return()
+  endif()
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(STATUS "${name} skipped: COWTAP_FUZZ needs clang (compiler is ${CMAKE_CXX_COMPILER_ID})")
+    return()
+  endif()
+  add_executable(${name} ${ARG_SOURCES})
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR})
+  target_link_options(${name} PRIVATE -fsanitize=fuzzer)
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS})
+  if(NOT TARGET cowtap_fuzzers)
+    add_custom_target(cowtap_fuzzers)
+  endif()
+  add_dependencies(cowtap_fuzzers ${name})
+  set(corpus ${CMAKE_CURRENT_BINARY_DIR}/${name}-corpus)
+  file(MAKE_DIRECTORY ${corpus})
+  add_test(NAME fuzz_${name}
+    COMMAND ${name} -max_total_time=${COWTAP_FUZZ_SECONDS} -rss_limit_mb=2048 -timeout=20
+            -print_final_stats=1 ${corpus} ${ARG_SEEDS})
+  set_tests_properties(fuzz_${name} PROPERTIES LABELS fuzz TIMEOUT 900)
+endfunction()
