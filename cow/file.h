@@ -68,11 +68,20 @@ class File {
   virtual int fd() const { return -1; }
 };
 
+class IoEngine;
+
 struct FileOpenOptions {
   bool writable = false;
   bool create = false;     // create if missing (implies writable)
   bool exclusive = false;  // with create: fail if it exists
   bool direct = false;     // O_DIRECT where supported (falls back silently)
+  // Take QEMU's image locks (cow/image_lock.h) so that no other cowtapd or
+  // QEMU opens the file read-write while we hold it, nor at all while we
+  // write it; refused with kBusy. POSIX files only.
+  bool lock = false;
+  // The engine behind the Submit* methods of POSIX files (null: the
+  // process's DefaultIoEngine()). REQUIRES: outlives the file.
+  IoEngine* io_engine = nullptr;
 };
 
 class FileSystem {

@@ -1,7 +1,13 @@
-// POSIX implementation of File and FileSystem over pread/pwrite/fdatasync.
-// O_DIRECT is requested when asked for and silently dropped where the file
-// system refuses it (tmpfs); unaligned transfers on an O_DIRECT descriptor go
-// through an aligned bounce buffer.
+// POSIX implementation of File and FileSystem over pread/pwrite/fdatasync,
+// with the Submit* forms on an IoEngine (io_uring). O_DIRECT is requested
+// when asked for and silently dropped where the file system refuses it;
+// transfers that do not meet the descriptor's direct-I/O alignment (from
+// statx STATX_DIOALIGN, else 4096) go through an aligned bounce buffer
+// (synchronously, also for the Submit* forms). Image locks (image_lock.h)
+// are taken at open when asked for.
+//
+// A PosixFile waits, when destroyed, for its ops in flight on the engine, so
+// the descriptor is never closed (and reused) under them.
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -9,26 +15,52 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "cow/file.h"
+#include "cow/image_lock.h"
+#include "cow/io_engine.h"
 
 namespace cowtap::cow {
 namespace {
 
-constexpr size_t kDirectAlign = 4096;
+constexpr uint32_t kDefaultDirectAlign = 4096;
 
-bool Aligned(uint64_t offset, const void* p, size_t len) {
-  return offset % kDirectAlign == 0 && reinterpret_cast<uintptr_t>(p) % kDirectAlign == 0 &&
-         len % kDirectAlign == 0;
+// The direct-I/O alignment of fd: memory and file offset/length.
+struct DirectAlign {
+  uint32_t mem = kDefaultDirectAlign;
+  uint32_t offset = kDefaultDirectAlign;
+};
+
+DirectAlign QueryDirectAlign(int fd) {
+  DirectAlign a;
+  struct statx stx = {};
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) &&
+      stx.stx_dio_mem_align != 0 && stx.stx_dio_offset_align != 0 &&
+      (stx.stx_dio_mem_align & (stx.stx_dio_mem_align - 1)) == 0 &&
+      (stx.stx_dio_offset_align & (stx.stx_dio_offset_align - 1)) == 0 && stx.stx_dio_offset_align <= (1u << 16) &&
+      stx.stx_dio_mem_align <= (1u << 16)) {
+    a.mem = stx.stx_dio_mem_align;
+    a.offset = stx.stx_dio_offset_align;
+  }
+  return a;
 }
 
 class PosixFile final : public File {
  public:
-  PosixFile(int fd, std::string path, bool direct) : fd_(fd), path_(std::move(path)), direct_(direct) {}
-  ~PosixFile() override { ::close(fd_); }
+  PosixFile(int fd, std::string path, bool direct, IoEngine* engine)
+      : fd_(fd), path_(std::move(path)), direct_(direct), asked_engine_(engine) {
+    if (direct_) align_ = QueryDirectAlign(fd_);
+  }
+  ~PosixFile() override {
+    tracker_.WaitIdle();
+    if (engine_ && slot_ >= 0) engine_->UnregisterFile(slot_);
+    ::close(fd_);
+  }
 
   Status ReadAt(uint64_t offset, std::span<uint8_t> buf) override {
     if (direct_ && !Aligned(offset, buf.data(), buf.size())) return BounceRead(offset, buf);
@@ -44,6 +76,12 @@ class PosixFile final : public File {
         break;
       }
       done += static_cast<size_t>(n);
+      if (direct_ && done < buf.size() && (offset + done) % align_.offset != 0) {
+        // O_DIRECT stops off alignment only at end of file (and would refuse
+        // an unaligned read of the rest).
+        std::memset(buf.data() + done, 0, buf.size() - done);
+        break;
+      }
     }
     return Status::Ok();
   }
@@ -86,6 +124,33 @@ class PosixFile final : public File {
   Status Flush() override {
     if (::fdatasync(fd_) != 0) return Status::FromErrno(errno, "fdatasync " + path_);
     return Status::Ok();
+  }
+
+  void SubmitReadv(uint64_t offset, IoVecs iov, FileCompletion done) override {
+    IoEngine* engine = Engine();
+    if (engine == nullptr || (direct_ && !Aligned(offset, iov))) {
+      done(ReadvAt(offset, iov));
+      return;
+    }
+    engine->Submit(IoOp::kReadv, Target(), offset, iov, std::move(done));
+  }
+
+  void SubmitWritev(uint64_t offset, IoVecs iov, FileCompletion done) override {
+    IoEngine* engine = Engine();
+    if (engine == nullptr || (direct_ && !Aligned(offset, iov))) {
+      done(WritevAt(offset, iov));
+      return;
+    }
+    engine->Submit(IoOp::kWritev, Target(), offset, iov, std::move(done));
+  }
+
+  void SubmitFlush(FileCompletion done) override {
+    IoEngine* engine = Engine();
+    if (engine == nullptr) {
+      done(Flush());
+      return;
+    }
+    engine->Submit(IoOp::kFdatasync, Target(), 0, {}, std::move(done));
   }
 
   Result<uint64_t> Size() override {
@@ -144,6 +209,33 @@ class PosixFile final : public File {
   int fd() const override { return fd_; }
 
  private:
+  // The engine of the Submit* forms (null: none could start), chosen and
+  // given the descriptor on first use, so that files that never do
+  // asynchronous I/O start no engine and take no registered slot.
+  IoEngine* Engine() {
+    std::call_once(engine_once_, [this] {
+      engine_ = asked_engine_ ? asked_engine_ : DefaultIoEngine();
+      if (engine_) slot_ = engine_->RegisterFile(fd_);
+    });
+    return engine_;
+  }
+
+  // REQUIRES: Engine() returned non-null.
+  IoTarget Target() { return IoTarget{fd_, slot_, direct_, &path_, &tracker_}; }
+
+  bool Aligned(uint64_t offset, const void* p, size_t len) const {
+    return offset % align_.offset == 0 && reinterpret_cast<uintptr_t>(p) % align_.mem == 0 &&
+           len % align_.offset == 0;
+  }
+
+  // Whether the kernel takes iov at offset on the O_DIRECT descriptor as it is.
+  bool Aligned(uint64_t offset, IoVecs iov) const {
+    if (offset % align_.offset != 0) return false;
+    for (const iovec& v : iov)
+      if (reinterpret_cast<uintptr_t>(v.iov_base) % align_.mem != 0 || v.iov_len % align_.offset != 0) return false;
+    return true;
+  }
+
   std::string Where(const char* op, uint64_t offset) const {
     return std::string(op) + " " + path_ + " at offset " + std::to_string(offset);
   }
@@ -153,17 +245,18 @@ class PosixFile final : public File {
     uint64_t start = 0;
     size_t len = 0;
     uint8_t* p = nullptr;
-    Bounce(uint64_t offset, size_t n) {
-      start = offset & ~(kDirectAlign - 1);
-      uint64_t end = (offset + n + kDirectAlign - 1) & ~(kDirectAlign - 1);
+    Bounce(uint64_t offset, size_t n, const DirectAlign& align) {
+      const uint64_t a = align.offset;
+      start = offset & ~(a - 1);
+      uint64_t end = (offset + n + a - 1) & ~(a - 1);
       len = end - start;
-      if (::posix_memalign(reinterpret_cast<void**>(&p), kDirectAlign, len) != 0) p = nullptr;
+      if (::posix_memalign(reinterpret_cast<void**>(&p), std::max(align.mem, align.offset), len) != 0) p = nullptr;
     }
     ~Bounce() { std::free(p); }
   };
 
   Status BounceRead(uint64_t offset, std::span<uint8_t> buf) {
-    Bounce b(offset, buf.size());
+    Bounce b(offset, buf.size(), align_);
     if (!b.p) return Status::NoSpace("out of memory for a bounce buffer");
     COWTAP_RETURN_IF_ERROR(ReadAt(b.start, {b.p, b.len}));
     std::memcpy(buf.data(), b.p + (offset - b.start), buf.size());
@@ -173,7 +266,7 @@ class PosixFile final : public File {
   Status BounceWrite(uint64_t offset, std::span<const uint8_t> data) {
     // Read-modify-write of the covering aligned blocks. Callers on O_DIRECT
     // files serialize overlapping sub-block writes themselves (metadata).
-    Bounce b(offset, data.size());
+    Bounce b(offset, data.size(), align_);
     if (!b.p) return Status::NoSpace("out of memory for a bounce buffer");
     COWTAP_RETURN_IF_ERROR(ReadAt(b.start, {b.p, b.len}));
     std::memcpy(b.p + (offset - b.start), data.data(), data.size());
@@ -190,6 +283,12 @@ class PosixFile final : public File {
   const int fd_;
   const std::string path_;
   const bool direct_;
+  IoEngine* const asked_engine_;  // null: DefaultIoEngine()
+  DirectAlign align_;
+  IoTracker tracker_;
+  std::once_flag engine_once_;
+  IoEngine* engine_ = nullptr;  // set by Engine(); null: Submit* run synchronously
+  int slot_ = -1;               // registered-file slot on engine_, or -1
 };
 
 class PosixFileSystem final : public FileSystem {
@@ -211,7 +310,14 @@ class PosixFileSystem final : public FileSystem {
       if (errno == ENOENT) return Status::NotFound("open " + path + ": no such file");
       return s;
     }
-    return std::unique_ptr<File>(new PosixFile(fd, path, direct));
+    if (options.lock) {
+      Status s = LockImageFile(fd, path, options.writable || options.create);
+      if (!s.ok()) {
+        ::close(fd);
+        return s;
+      }
+    }
+    return std::unique_ptr<File>(new PosixFile(fd, path, direct, options.io_engine));
   }
 
   bool Exists(const std::string& path) override { return ::access(path.c_str(), F_OK) == 0; }
