@@ -6,6 +6,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -29,6 +33,7 @@ struct InFlight {
   InFlight& operator=(const InFlight&) = delete;
 
   RingServer::Impl* server;
+  std::chrono::steady_clock::time_point taken = std::chrono::steady_clock::now();
   BlockRequest req;
   std::vector<PageRef> pages;  // data pages, unmapped (or returned to the LRU) with this
   std::vector<iovec> iov;
@@ -47,6 +52,8 @@ class RingServer::Impl {
     thread_ = std::thread([this] { Run(); });
   }
   void Stop();
+  void Pause();
+  void Resume();
   void Answer(InFlight& op, const Status& status);
   bool halted() const { return halted_.load(std::memory_order_acquire); }
 
@@ -59,6 +66,7 @@ class RingServer::Impl {
   std::string halt_reason_;  // GUARDED_BY(halt_mu_)
   std::atomic<size_t> mapped_pages_{0};
   std::unique_ptr<BackRing> ring_;
+  std::atomic<bool> paused_{false};
 
  private:
   void Run();
@@ -72,6 +80,12 @@ class RingServer::Impl {
   void PublishAndNotify();
   void Halt(const Status& why);
   bool Blocked() const { return held_ != nullptr || ordered_in_flight_; }
+  void Wake();
+  // Ring thread: while paused, tells Pause() once nothing is in flight.
+  void ReportPauseState();
+  void UpdateInFlight() {
+    stats_.in_flight.store(in_flight_.size() + (held_ ? 1 : 0), std::memory_order_relaxed);
+  }
   void LogGuestError(const Status& status);
 
   std::unique_ptr<xen::GrantTable> grants_;
@@ -94,7 +108,16 @@ class RingServer::Impl {
   // Filled by completions on any thread.
   std::mutex completed_mu_;
   std::vector<InFlight*> completed_;  // GUARDED_BY(completed_mu_)
+  // Pause handshake: the ring thread sets drained_ while paused_ and idle.
+  std::mutex pause_mu_;
+  std::condition_variable pause_cv_;
+  bool drained_ = false;        // GUARDED_BY(pause_mu_)
+  bool thread_exited_ = false;  // GUARDED_BY(pause_mu_)
 };
+
+size_t LatencyBucket(uint64_t us) {
+  return std::min<size_t>(static_cast<size_t>(std::bit_width(us)), kLatencyBuckets - 1);
+}
 
 InFlight::~InFlight() {
   if (!answered) server->Answer(*this, Status::Cancelled("request dropped before completion"));
@@ -139,6 +162,11 @@ void RingServer::Impl::Stop() {
     if (::write(stop_fd_, &one, sizeof(one)) < 0) spdlog::error("{}: cannot signal stop: {}", config_.name, errno);
     thread_.join();
   }
+  {
+    std::lock_guard lock(pause_mu_);
+    thread_exited_ = true;
+  }
+  pause_cv_.notify_all();
   // Every request was answered by the thread's drain; now release every
   // grant and the event channel.
   if (pages_) pages_->Clear();
@@ -188,6 +216,7 @@ void RingServer::Impl::Run() {
       }
     }
     ProcessRing();
+    ReportPauseState();
   }
 
   // Stopping: take nothing new, let in-flight I/O finish and answer it.
@@ -204,15 +233,21 @@ void RingServer::Impl::Run() {
     }
   }
   PublishAndNotify();
+  {
+    std::lock_guard lock(pause_mu_);
+    thread_exited_ = true;
+  }
+  pause_cv_.notify_all();
 }
 
 void RingServer::Impl::ProcessRing() {
   while (true) {
     DrainCompletions();
-    if (!halted() && !stopping_) ConsumeRequests();
+    const bool paused = paused_.load(std::memory_order_acquire);
+    if (!halted() && !stopping_ && !paused) ConsumeRequests();
     DrainCompletions();
     PublishAndNotify();
-    if (halted() || stopping_ || Blocked()) return;  // a completion wakes us
+    if (halted() || stopping_ || paused || Blocked()) return;  // a completion or Resume wakes us
     auto more = ring_->FinalCheckForRequests();
     if (!more.ok()) {
       Halt(more.status());
@@ -255,6 +290,7 @@ void RingServer::Impl::HandleRequest(Request request) {
   if (ordered) {
     if (!in_flight_.empty()) {
       held_ = std::move(op);  // submitted by DrainCompletions once the ring is idle
+      UpdateInFlight();
       return;
     }
     ordered_in_flight_ = true;
@@ -326,6 +362,7 @@ void RingServer::Impl::Submit(std::unique_ptr<InFlight> op) {
   }
   InFlight* raw = op.get();
   in_flight_.emplace(raw, std::move(op));
+  UpdateInFlight();
   device_->Submit(io, [this, raw](Status status) { OnComplete(raw, std::move(status)); });
 }
 
@@ -353,12 +390,15 @@ void RingServer::Impl::DrainCompletions() {
       if (it == in_flight_.end()) continue;  // cannot happen: completions are unique
       std::unique_ptr<InFlight> op = std::move(it->second);
       in_flight_.erase(it);
+      UpdateInFlight();
       if (op->req.op == BlockOp::kFlush || op->req.flush_after) ordered_in_flight_ = false;
       Answer(*op, op->result);
     }
     if (held_ && in_flight_.empty()) {
       ordered_in_flight_ = true;
-      Submit(std::move(held_));
+      std::unique_ptr<InFlight> held = std::move(held_);
+      UpdateInFlight();
+      Submit(std::move(held));
       continue;  // a synchronous device completed it already
     }
     if (done.empty()) return;
@@ -370,6 +410,9 @@ void RingServer::Impl::Answer(InFlight& op, const Status& status) {
   op.pages.clear();  // release the guest's pages before the guest learns it may reuse them
   const int16_t code = ResponseStatusFor(status);
   const BlockRequest& r = op.req;
+  const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - op.taken);
+  stats_.latency_us_log2[LatencyBucket(static_cast<uint64_t>(std::max<int64_t>(us.count(), 0)))].fetch_add(
+      1, std::memory_order_relaxed);
   if (code == kRspOkay) {
     switch (r.op) {
       case BlockOp::kRead:
@@ -418,6 +461,41 @@ void RingServer::Impl::Halt(const Status& why) {
       config_.name, why.ToString());
 }
 
+void RingServer::Impl::Wake() {
+  uint64_t one = 1;
+  if (::write(completion_fd_, &one, sizeof(one)) < 0) spdlog::error("{}: cannot wake the ring thread", config_.name);
+}
+
+void RingServer::Impl::ReportPauseState() {
+  if (!paused_.load(std::memory_order_acquire)) return;
+  if (!in_flight_.empty() || held_) return;  // a completion wakes us again
+  {
+    std::lock_guard lock(pause_mu_);
+    if (drained_) return;
+    drained_ = true;
+  }
+  pause_cv_.notify_all();
+}
+
+void RingServer::Impl::Pause() {
+  std::unique_lock lock(pause_mu_);
+  if (thread_exited_ || !thread_.joinable()) return;
+  paused_.store(true, std::memory_order_release);
+  Wake();
+  pause_cv_.wait(lock, [&] { return drained_ || thread_exited_; });
+}
+
+void RingServer::Impl::Resume() {
+  {
+    std::lock_guard lock(pause_mu_);
+    drained_ = false;
+    paused_.store(false, std::memory_order_release);
+  }
+  // The frontend may have queued requests (and its notifications were
+  // acknowledged) while we were paused: look at the ring now.
+  if (thread_.joinable()) Wake();
+}
+
 void RingServer::Impl::LogGuestError(const Status& status) {
   if (!log_limiter_.Allow()) return;
   const uint64_t suppressed = log_limiter_.TakeSuppressed();
@@ -429,8 +507,10 @@ void RingServer::Impl::LogGuestError(const Status& status) {
 
 Result<std::unique_ptr<RingServer>> RingServer::Start(xen::XenPlatform& platform, RingConfig config,
                                                       std::shared_ptr<BlockDevice> device) {
+  const bool start_paused = config.start_paused;
   auto impl = std::make_unique<Impl>(std::move(config), std::move(device));
   COWTAP_RETURN_IF_ERROR(impl->Init(platform));  // on failure ~Impl releases what Init got
+  impl->paused_.store(start_paused, std::memory_order_release);
   impl->StartThread();
   return std::unique_ptr<RingServer>(new RingServer(std::move(impl)));
 }
@@ -438,6 +518,9 @@ Result<std::unique_ptr<RingServer>> RingServer::Start(xen::XenPlatform& platform
 RingServer::RingServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 RingServer::~RingServer() { Stop(); }
 void RingServer::Stop() { impl_->Stop(); }
+void RingServer::Pause() { impl_->Pause(); }
+void RingServer::Resume() { impl_->Resume(); }
+bool RingServer::paused() const { return impl_->paused_.load(std::memory_order_acquire); }
 void RingServer::UpdateSectors(uint64_t sectors) { impl_->sectors_.store(sectors, std::memory_order_relaxed); }
 bool RingServer::halted() const { return impl_->halted_.load(std::memory_order_acquire); }
 std::string RingServer::halt_reason() const {

@@ -28,10 +28,21 @@
 // answered, then unmaps every grant (ring, data, persistent) and unbinds the
 // event channel. REQUIRES: the BlockDevice completes every submitted I/O.
 //
-// Thread-safety: Start/Stop/UpdateSectors/stats may be called from any one
-// control thread; the serving happens on the server's own thread.
+// Pause() takes no more requests from the ring (events are still
+// acknowledged, so the frontend is not lost) and returns once every request
+// already taken has been answered; Resume() takes requests again and looks
+// at the ring at once, so requests queued while paused are served.
+//
+// Stats: every answered request adds its service time (taken off the ring
+// to answered) to a log2 histogram in microseconds; in_flight is the number
+// of requests taken and not yet answered.
+//
+// Thread-safety: Start/Stop/Pause/Resume/UpdateSectors/stats may be called
+// from any one control thread at a time; the serving happens on the
+// server's own thread.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -56,7 +67,17 @@ struct RingConfig {
   // Bound of the persistent-grant LRU (pages kept mapped).
   size_t max_persistent_grants = 1056;
   DeviceLimits limits;  // what the VBD advertised
+  // Start as if Pause() had been called (a VBD paused while its frontend
+  // reconnected); Resume() starts serving.
+  bool start_paused = false;
 };
+
+// Buckets of RingStats::latency_us_log2: bucket i counts requests answered
+// in less than 2^i microseconds (and at least 2^(i-1)); the last bucket is
+// open-ended.
+inline constexpr size_t kLatencyBuckets = 32;
+// The bucket a service time of `us` microseconds falls in.
+size_t LatencyBucket(uint64_t us);
 
 // Counters, readable at any time (relaxed atomics).
 struct RingStats {
@@ -77,6 +98,8 @@ struct RingStats {
   std::atomic<uint64_t> persistent_hits{0};
   std::atomic<uint64_t> persistent_evictions{0};
   std::atomic<uint64_t> max_batch{0};  // most requests taken in one pass
+  std::atomic<uint64_t> in_flight{0};  // taken off the ring, not yet answered
+  std::array<std::atomic<uint64_t>, kLatencyBuckets> latency_us_log2{};
 };
 
 class RingServer {
@@ -96,6 +119,11 @@ class RingServer {
   // See the file comment. Idempotent. The server's status (halted or not) is
   // kept for inspection.
   void Stop();
+  // See the file comment. Pause returns once nothing taken is unanswered
+  // (at once if the server was stopped). Both are idempotent.
+  void Pause();
+  void Resume();
+  bool paused() const;
   // The disk size changed (online resize): requests are checked against the
   // new size from now on.
   void UpdateSectors(uint64_t sectors);

@@ -489,3 +489,106 @@ TEST_F(RingServerTest, StartFailsCleanlyOnBadRingRef) {
 
 }  // namespace
 }  // namespace cowtap::backend
+
+namespace cowtap::backend {
+namespace {
+
+TEST(LatencyBucketTest, BucketIsTheBitWidthOfTheMicroseconds) {
+  EXPECT_EQ(LatencyBucket(0), 0u);
+  EXPECT_EQ(LatencyBucket(1), 1u);
+  EXPECT_EQ(LatencyBucket(3), 2u);
+  EXPECT_EQ(LatencyBucket(4), 3u);
+  EXPECT_EQ(LatencyBucket(1023), 10u);
+  EXPECT_EQ(LatencyBucket(1024), 11u);
+  EXPECT_EQ(LatencyBucket(UINT64_MAX), kLatencyBuckets - 1) << "the last bucket is open-ended";
+}
+
+uint64_t HistogramTotal(const RingStats& s) {
+  uint64_t n = 0;
+  for (const auto& b : s.latency_us_log2) n += b.load();
+  return n;
+}
+
+TEST_F(RingServerTest, InFlightGaugeAndLatencyHistogramFollowRequests) {
+  auto dev = std::make_shared<MemBlockDevice>(MemBlockDeviceOptions{.defer_completions = true});
+  TestFront front(*guest_, Abi::kX86_64, 1);
+  RingServer* server = StartServer(front.Config(Limits(2048)), dev);
+  auto page = front.DataPage();
+  for (uint64_t i = 0; i < 4; ++i) front.Queue(Rw(kOpRead, i, i * 8, {page.second}));
+  front.Push();
+  for (int i = 0; i < 400 && dev->PendingCount() < 4; ++i) std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(server->stats().in_flight.load(), 4u);
+  EXPECT_EQ(HistogramTotal(server->stats()), 0u);
+  std::this_thread::sleep_for(20ms);  // service time of at least 20 ms
+  dev->CompletePending();
+  EXPECT_EQ(front.Wait(4).size(), 4u);
+  EXPECT_EQ(server->stats().in_flight.load(), 0u);
+  EXPECT_EQ(HistogramTotal(server->stats()), 4u);
+  uint64_t at_least_16ms = 0;
+  for (size_t i = LatencyBucket(16000); i < kLatencyBuckets; ++i) at_least_16ms += server->stats().latency_us_log2[i];
+  EXPECT_EQ(at_least_16ms, 4u) << "each request waited 20 ms in the device";
+}
+
+TEST_F(RingServerTest, PauseWaitsForInFlightTakesNothingAndResumeServesTheBacklog) {
+  auto dev = std::make_shared<MemBlockDevice>(MemBlockDeviceOptions{.defer_completions = true});
+  TestFront front(*guest_, Abi::kX86_64, 1);
+  RingServer* server = StartServer(front.Config(Limits(2048)), dev);
+  auto page = front.DataPage();
+  for (uint64_t i = 0; i < 3; ++i) front.Queue(Rw(kOpWrite, i, i * 8, {page.second}));
+  front.Push();
+  for (int i = 0; i < 400 && dev->PendingCount() < 3; ++i) std::this_thread::sleep_for(5ms);
+  ASSERT_EQ(dev->PendingCount(), 3u);
+  std::atomic<bool> paused{false};
+  std::thread pauser([&] {
+    server->Pause();
+    paused = true;
+  });
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(paused.load()) << "Pause returned with requests still in flight";
+  dev->CompletePending();
+  pauser.join();
+  EXPECT_TRUE(server->paused());
+  EXPECT_EQ(front.Wait(3).size(), 3u);
+  // Requests queued while paused stay on the ring.
+  for (uint64_t i = 10; i < 15; ++i) front.Queue(Rw(kOpRead, i, 0, {page.second}));
+  front.Push();
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(dev->PendingCount(), 0u);
+  EXPECT_EQ(server->stats().requests.load(), 3u);
+  server->Resume();
+  for (int i = 0; i < 400 && dev->PendingCount() < 5; ++i) std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(dev->PendingCount(), 5u);
+  dev->CompletePending();
+  auto got = front.Wait(5);
+  EXPECT_EQ(got.size(), 5u);
+  for (const auto& [id, rsp] : got) EXPECT_EQ(rsp.status, kRspOkay) << id;
+}
+
+TEST_F(RingServerTest, StartPausedServesNothingUntilResumed) {
+  auto dev = std::make_shared<MemBlockDevice>();
+  TestFront front(*guest_, Abi::kX86_64, 1);
+  auto page = front.DataPage();
+  front.Queue(Rw(kOpRead, 1, 0, {page.second}));
+  front.Push();
+  RingConfig config = front.Config(Limits(2048));
+  config.start_paused = true;
+  RingServer* server = StartServer(config, dev);
+  ASSERT_NE(server, nullptr);
+  EXPECT_TRUE(front.Wait(1, 100ms).empty());
+  server->Pause();  // already paused and idle: returns at once
+  server->Resume();
+  EXPECT_EQ(front.Wait(1).size(), 1u);
+}
+
+TEST_F(RingServerTest, PauseAfterStopReturns) {
+  auto dev = std::make_shared<MemBlockDevice>();
+  TestFront front(*guest_, Abi::kX86_64, 1);
+  RingServer* server = StartServer(front.Config(Limits(2048)), dev);
+  server->Stop();
+  server->Pause();
+  server->Resume();
+  EXPECT_EQ(hv_->MappedGrantCount(kGuest), 0u);
+}
+
+}  // namespace
+}  // namespace cowtap::backend

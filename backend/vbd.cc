@@ -15,6 +15,25 @@ namespace {
 
 constexpr char kFrontendToken[] = "cowtap-vbd-frontend";
 constexpr char kReleaseToken[] = "cowtap-vbd-release";
+constexpr char kIntroduceToken[] = "cowtap-vbd-introduce";
+
+void AddRing(const RingServer& s, VbdStats* out) {
+  const RingStats& r = s.stats();
+  out->requests += r.requests.load();
+  out->reads += r.reads.load();
+  out->writes += r.writes.load();
+  out->flushes += r.flushes.load();
+  out->discards += r.discards.load();
+  out->bytes_read += r.bytes_read.load();
+  out->bytes_written += r.bytes_written.load();
+  out->errors += r.errors.load();
+  out->eopnotsupp += r.eopnotsupp.load();
+  out->notifications += r.notifications.load();
+  out->grant_maps += r.grant_maps.load();
+  out->persistent_hits += r.persistent_hits.load();
+  out->in_flight += r.in_flight.load();
+  for (size_t i = 0; i < kLatencyBuckets; ++i) out->latency_us_log2[i] += r.latency_us_log2[i].load();
+}
 constexpr uint32_t kVdiskCdrom = 1;
 constexpr uint32_t kVdiskReadonly = 4;
 
@@ -22,15 +41,18 @@ constexpr uint32_t kVdiskReadonly = 4;
 
 Vbd::Vbd(xen::XenPlatform& platform, const VbdOptions& options, std::shared_ptr<BlockDevice> device)
     : platform_(platform), options_(options), device_(std::move(device)) {
-  backend_path_ = xen::XsBackendDir(platform_.self_domid(), "vbd", options_.frontend_domid, options_.devid);
-  name_ = fmt::format("vbd {}/{}", options_.frontend_domid, options_.devid);
+  backend_path_ =
+      xen::XsBackendDir(platform_.self_domid(), options_.backend_type, options_.frontend_domid, options_.devid);
+  name_ = fmt::format("[vbd {}/{}]", options_.frontend_domid, options_.devid);
 }
 
 Result<std::unique_ptr<Vbd>> Vbd::Attach(xen::XenPlatform& platform, const VbdOptions& options,
                                          std::shared_ptr<BlockDevice> device) {
   if (options.max_ring_page_order > 4 || options.max_queues == 0 ||
-      options.max_indirect_segments > kMaxIndirectSegmentsWire) {
-    return Status::InvalidArgument("vbd options: ring order <= 4, queues >= 1, indirect segments <= 4096");
+      options.max_indirect_segments > kMaxIndirectSegmentsWire || options.backend_type.empty() ||
+      options.backend_type.find('/') != std::string::npos) {
+    return Status::InvalidArgument(
+        "vbd options: ring order <= 4, queues >= 1, indirect segments <= 4096, a backend type without '/'");
   }
   std::unique_ptr<Vbd> vbd(new Vbd(platform, options, std::move(device)));
   COWTAP_RETURN_IF_ERROR(vbd->Init());
@@ -45,14 +67,14 @@ Vbd::~Vbd() {
 
 Status Vbd::Init() {
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake_fd_ < 0) return Status::FromErrno(errno, name_ + ": eventfd");
+  if (wake_fd_ < 0) return Status::FromErrno(errno, name_ + " eventfd");
   COWTAP_ASSIGN_OR_RETURN(store_, platform_.OpenXenStore());
   auto read = [&](const char* key) { return store_->Read(xen::XsJoin(backend_path_, key)); };
 
   auto frontend = read("frontend");
   if (!frontend.ok()) {
     return frontend.status().Annotate(
-        fmt::format("{}: backend directory {} has no usable 'frontend' key "
+        fmt::format("{} backend directory {} has no usable 'frontend' key "
                     "(did the toolstack create the device?)",
                     name_, backend_path_));
   }
@@ -62,12 +84,12 @@ Status Vbd::Init() {
                           ParseDecimal(id_text, UINT16_MAX, xen::XsJoin(backend_path_, "frontend-id")));
   if (frontend_id != options_.frontend_domid) {
     return Status::InvalidArgument(
-        fmt::format("{}: frontend-id is {}, expected {}", name_, frontend_id, options_.frontend_domid));
+        fmt::format("{} frontend-id is {}, expected {}", name_, frontend_id, options_.frontend_domid));
   }
   auto mode = read("mode");
   if (mode.ok()) {
     if (*mode != "r" && *mode != "w" && *mode != "ro" && *mode != "rw") {
-      return Status::InvalidArgument(fmt::format("{}: mode \"{}\" is neither r nor w", name_, *mode));
+      return Status::InvalidArgument(fmt::format("{} mode \"{}\" is neither r nor w", name_, *mode));
     }
     read_only_ = mode->front() == 'r' && *mode != "rw";
   } else if (mode.status().code() != ErrorCode::kNotFound) {
@@ -80,6 +102,7 @@ Status Vbd::Init() {
   COWTAP_RETURN_IF_ERROR(PublishFeatures());
   COWTAP_RETURN_IF_ERROR(store_->Watch(xen::XsJoin(frontend_path_, "state"), kFrontendToken));
   COWTAP_RETURN_IF_ERROR(store_->Watch("@releaseDomain", kReleaseToken));
+  COWTAP_RETURN_IF_ERROR(store_->Watch("@introduceDomain", kIntroduceToken));
   return Status::Ok();
 }
 
@@ -131,11 +154,11 @@ Status Vbd::PublishFeatures() {
 }
 
 void Vbd::Run() {
-  Evaluate();
+  int timeout_ms = Evaluate();
   while (!stop_.load()) {
     pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {store_->fd(), POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0 && errno != EINTR) {
-      spdlog::error("{}: poll failed: {}", name_, std::strerror(errno));
+    if (::poll(fds, 2, timeout_ms) < 0 && errno != EINTR) {
+      spdlog::error("{} poll failed: {}", name_, std::strerror(errno));
       return;
     }
     if (fds[0].revents) {
@@ -149,7 +172,7 @@ void Vbd::Run() {
       if (!ev.ok() || !ev->has_value()) break;
     }
     if (stop_.load()) return;
-    Evaluate();
+    timeout_ms = Evaluate();
   }
 }
 
@@ -162,7 +185,7 @@ Result<XenbusState> Vbd::ReadFrontendState() {
   return static_cast<XenbusState>(v);
 }
 
-void Vbd::Evaluate() {
+int Vbd::Evaluate() {
   if (resize_pending_.exchange(false)) {
     const DeviceLimits l = Limits(false);
     {
@@ -171,23 +194,34 @@ void Vbd::Evaluate() {
     }
     if (state_ == XenbusState::kConnected) {
       Status s = WriteDiskProperties(/*kick=*/true);
-      if (!s.ok()) spdlog::warn("{}: publishing the new size: {}", name_, s.ToString());
-      spdlog::info("{}: resized to {} sectors", name_, l.sectors);
+      if (!s.ok()) spdlog::warn("{} publishing the new size: {}", name_, s.ToString());
+      spdlog::info("{} resized to {} sectors", name_, l.sectors);
     }
   }
   const XenbusState ours = state_.load();
   if (!platform_.DomainAlive(options_.frontend_domid)) {
-    if (ours != XenbusState::kClosed) {
-      spdlog::info("{}: frontend domain {} is gone; tearing down", name_, options_.frontend_domid);
+    if (!domain_seen_alive_) {
+      // The toolstack may write the directories before the guest runs.
+      const auto waited = std::chrono::steady_clock::now() - attached_at_;
+      if (waited < options_.domain_wait) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(options_.domain_wait - waited);
+        return static_cast<int>(std::clamp<int64_t>(left.count() + 1, 1, 1000));
+      }
+    }
+    if (!domain_gone_.load()) {
+      spdlog::info("{} frontend domain {} is {}; tearing down", name_, options_.frontend_domid,
+                   domain_seen_alive_ ? "gone" : "not there");
       Disconnect();
+      domain_gone_ = true;
       SetState(XenbusState::kClosed).IgnoreError();
     }
-    return;
+    return -1;
   }
+  domain_seen_alive_ = true;
   auto theirs = ReadFrontendState();
   if (!theirs.ok()) {
     if (ours != XenbusState::kClosing && ours != XenbusState::kClosed) Fail(theirs.status());
-    return;
+    return -1;
   }
   switch (*theirs) {
     case XenbusState::kInitialising:
@@ -237,6 +271,7 @@ void Vbd::Evaluate() {
     default:
       break;  // Reconfiguring/Reconfigured mean nothing for a vbd
   }
+  return -1;
 }
 
 Status Vbd::Connect() {
@@ -246,6 +281,8 @@ Status Vbd::Connect() {
   offer.persistent = options_.persistent;
   COWTAP_ASSIGN_OR_RETURN(FrontendKeys keys, ReadFrontendKeys(*store_, frontend_path_, offer));
   const DeviceLimits limits = Limits(keys.large_sector_size);
+  std::lock_guard pause_lock(pause_mu_);
+  const bool start_paused = paused_;
   std::vector<std::unique_ptr<RingServer>> servers;
   for (size_t q = 0; q < keys.queues.size(); ++q) {
     RingConfig config;
@@ -257,6 +294,7 @@ Status Vbd::Connect() {
     config.persistent = keys.persistent;
     config.max_persistent_grants = options_.max_persistent_grants_per_queue;
     config.limits = limits;
+    config.start_paused = start_paused;
     auto server = RingServer::Start(platform_, std::move(config), device_);
     if (!server.ok()) return server.status().Annotate(fmt::format("queue {}", q));
     servers.push_back(std::move(server).value());
@@ -267,7 +305,7 @@ Status Vbd::Connect() {
   }
   COWTAP_RETURN_IF_ERROR(WriteDiskProperties(/*kick=*/true));
   state_ = XenbusState::kConnected;
-  spdlog::info("{}: connected ({} queue(s), ring order {}, {}, persistent grants {})", name_, keys.queues.size(),
+  spdlog::info("{} connected ({} queue(s), ring order {}, {}, persistent grants {})", name_, keys.queues.size(),
                keys.ring_page_order, AbiName(keys.abi), keys.persistent ? "on" : "off");
   return Status::Ok();
 }
@@ -298,11 +336,15 @@ void Vbd::Disconnect() {
   }
   // Destroying a server drains its in-flight I/O, answers it, unmaps every
   // grant and unbinds its port.
+  for (auto& s : servers) s->Stop();
+  std::lock_guard lock(mu_);
+  for (const auto& s : servers) AddRing(*s, &retired_);
+  retired_.in_flight = 0;
   servers.clear();
 }
 
 void Vbd::Fail(const Status& why) {
-  if (fail_log_.Allow()) spdlog::error("{}: {}; closing the device", name_, why.ToString());
+  if (fail_log_.Allow()) spdlog::error("{} {}; closing the device", name_, why.ToString());
   {
     std::lock_guard lock(mu_);
     last_error_ = why.ToString();
@@ -315,7 +357,7 @@ void Vbd::Fail(const Status& why) {
 Status Vbd::SetState(XenbusState state) {
   state_ = state;
   Status s = store_->Write(xen::XsJoin(backend_path_, "state"), std::to_string(static_cast<int>(state)));
-  if (!s.ok()) spdlog::warn("{}: writing state {}: {}", name_, static_cast<int>(state), s.ToString());
+  if (!s.ok()) spdlog::warn("{} writing state {}: {}", name_, static_cast<int>(state), s.ToString());
   return s;
 }
 
@@ -323,7 +365,7 @@ void Vbd::Detach() {
   if (thread_.joinable()) {
     stop_ = true;
     uint64_t one = 1;
-    if (::write(wake_fd_, &one, sizeof(one)) < 0) spdlog::error("{}: cannot wake control thread", name_);
+    if (::write(wake_fd_, &one, sizeof(one)) < 0) spdlog::error("{} cannot wake control thread", name_);
     thread_.join();
     Disconnect();
     if (state_ != XenbusState::kClosed) SetState(XenbusState::kClosed).IgnoreError();
@@ -335,7 +377,7 @@ void Vbd::Detach() {
 void Vbd::Resize() {
   resize_pending_ = true;
   uint64_t one = 1;
-  if (::write(wake_fd_, &one, sizeof(one)) < 0) spdlog::error("{}: cannot wake control thread", name_);
+  if (::write(wake_fd_, &one, sizeof(one)) < 0) spdlog::error("{} cannot wake control thread", name_);
 }
 
 std::string Vbd::last_error() const {
@@ -343,23 +385,36 @@ std::string Vbd::last_error() const {
   return last_error_;
 }
 
-VbdStats Vbd::stats() const {
-  VbdStats out;
+Status Vbd::Pause() {
+  std::lock_guard pause_lock(pause_mu_);
+  paused_ = true;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& s : servers_) s->Pause();
+  }
+  spdlog::info("{} paused", name_);
+  return device_->Flush().Annotate(name_ + " flushing for pause");
+}
+
+void Vbd::Resume() {
+  std::lock_guard pause_lock(pause_mu_);
+  if (!paused_) return;
+  paused_ = false;
   std::lock_guard lock(mu_);
+  for (auto& s : servers_) s->Resume();
+  spdlog::info("{} resumed", name_);
+}
+
+bool Vbd::paused() const {
+  std::lock_guard pause_lock(pause_mu_);
+  return paused_;
+}
+
+VbdStats Vbd::stats() const {
+  std::lock_guard lock(mu_);
+  VbdStats out = retired_;
   for (const auto& s : servers_) {
-    const RingStats& r = s->stats();
-    out.requests += r.requests.load();
-    out.reads += r.reads.load();
-    out.writes += r.writes.load();
-    out.flushes += r.flushes.load();
-    out.discards += r.discards.load();
-    out.bytes_read += r.bytes_read.load();
-    out.bytes_written += r.bytes_written.load();
-    out.errors += r.errors.load();
-    out.eopnotsupp += r.eopnotsupp.load();
-    out.notifications += r.notifications.load();
-    out.grant_maps += r.grant_maps.load();
-    out.persistent_hits += r.persistent_hits.load();
+    AddRing(*s, &out);
     out.mapped_pages += s->mapped_pages();
     out.halted_queues += s->halted() ? 1 : 0;
     ++out.queues;

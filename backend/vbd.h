@@ -1,6 +1,8 @@
 // Vbd: one virtual block device — the xenbus state machine of the backend
-// directory /local/domain/<self>/backend/vbd/<domid>/<devid> — serving a
-// BlockDevice to one frontend through one RingServer per queue.
+// directory /local/domain/<self>/backend/<type>/<domid>/<devid> (type "vbd"
+// by default; "qdisk" or "cowtap" when the toolstack hands the disk to a
+// user-space backend) — serving a BlockDevice to one frontend through one
+// RingServer per queue.
 //
 // Lifecycle (blkif.h STATE DIAGRAMS), run on the Vbd's own control thread,
 // which watches the frontend's state node and @releaseDomain:
@@ -16,7 +18,13 @@
 //   Frontend Closing: drain in-flight I/O, stop the servers (every grant
 //     unmapped, every port unbound), go Closing; frontend Closed: go Closed.
 //   Frontend back to Initialising (reconnect): InitWait again, serve again.
-//   Frontend domain dead, or its state node gone: tear down, go Closed.
+//   Frontend domain dead, or its state node gone: tear down, go Closed,
+//     domain_gone() turns true. A domain that has not been seen alive yet
+//     (the toolstack wrote the directories before the guest started) is
+//     waited for, up to options.domain_wait, before it counts as dead.
+//   Pause(): every ring stops taking requests, in-flight I/O is answered,
+//     the device flushed; a frontend reconnecting meanwhile gets paused
+//     rings. Resume(): serve again (requests queued meanwhile are served).
 //   A malformed frontend key: the reason goes to <backend>/error and the
 //     log, the VBD goes Closing. Nothing a frontend writes crashes anything.
 //   Resize(): re-reads the device size and, while Connected, rewrites
@@ -29,6 +37,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -61,6 +70,10 @@ enum class XenbusState : int {
 struct VbdOptions {
   xen::DomId frontend_domid = 0;
   uint32_t devid = 0;
+  // The backend directory's type component (backend/<type>/<domid>/<devid>).
+  std::string backend_type = "vbd";
+  // How long a frontend domain that was never seen alive is waited for.
+  std::chrono::milliseconds domain_wait{30000};
   // Features offered.
   uint32_t max_ring_page_order = 4;
   uint32_t max_queues = 4;
@@ -78,6 +91,8 @@ struct VbdStats {
   uint64_t notifications = 0, grant_maps = 0, persistent_hits = 0;
   uint32_t queues = 0, halted_queues = 0;
   size_t mapped_pages = 0;
+  uint64_t in_flight = 0;  // requests taken and not yet answered, now
+  std::vector<uint64_t> latency_us_log2 = std::vector<uint64_t>(kLatencyBuckets, 0);  // see RingStats
 };
 
 class Vbd {
@@ -98,10 +113,19 @@ class Vbd {
   void Detach();
   // The device's size may have changed; see the file comment.
   void Resize();
+  // See the file comment. Pause returns when the device is flushed: the
+  // error of that flush, if any. Idempotent; callable from any thread.
+  Status Pause();
+  void Resume();
+  bool paused() const;
+  // True once the VBD tore down because its frontend domain died (or never
+  // appeared within domain_wait).
+  bool domain_gone() const { return domain_gone_.load(); }
 
   XenbusState state() const { return state_.load(); }
   // The last error reported to <backend>/error (empty if none).
   std::string last_error() const;
+  // Totals since Attach (over every connection of the frontend).
   VbdStats stats() const;
   const std::string& backend_path() const { return backend_path_; }
 
@@ -110,7 +134,8 @@ class Vbd {
   Status Init();
   Status PublishFeatures();
   void Run();
-  void Evaluate();
+  // Returns how long to wait before evaluating again (-1: until an event).
+  int Evaluate();
   Status Connect();
   void Disconnect();
   void Fail(const Status& why);
@@ -134,12 +159,20 @@ class Vbd {
   std::atomic<bool> stop_{false};
   std::atomic<bool> resize_pending_{false};
   std::atomic<XenbusState> state_{XenbusState::kInitialising};
+  std::atomic<bool> domain_gone_{false};
+  bool domain_seen_alive_ = false;  // control thread only
+  std::chrono::steady_clock::time_point attached_at_ = std::chrono::steady_clock::now();
+  // Serializes Pause/Resume with Connect, so rings started while paused
+  // start paused.
+  mutable std::mutex pause_mu_;
+  bool paused_ = false;  // GUARDED_BY(pause_mu_)
   // Frontend-triggered errors (a guest can make them repeat at will).
   RateLimiter fail_log_{5, std::chrono::seconds(10)};
 
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<RingServer>> servers_;  // GUARDED_BY(mu_)
   std::string last_error_;                            // GUARDED_BY(mu_)
+  VbdStats retired_;  // counters of rings already stopped; GUARDED_BY(mu_)
 };
 
 }  // namespace cowtap::backend
