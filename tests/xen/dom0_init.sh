@@ -1,0 +1,92 @@
+#!/bin/busybox sh
+# PID 1 of the test dom0 (tests/xen/run.sh): load the Xen and disk modules,
+# mount the data disk (virtio, ext4, holds the images), start xenstored and
+# xenconsoled, then for each backend in /etc/backends `xl create` the test
+# guest on it, log what the frontend and backend wrote in xenstore, wait for
+# the guest to power off and print its console with a "[backend] " prefix.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mkdir -p /run/xen /run/xenstored /run/lock /var/run/xen
+say() { echo "[dom0] $*"; }
+up() { cut -d' ' -f1 /proc/uptime; }
+stage_t=$(up)
+stage() { t=$(up); say "STAGE $1 $(awk "BEGIN{printf \"%.1f s\", $t - $stage_t}")"; stage_t=$t; }
+while read -r m; do insmod /lib/modules/$m.ko || say "insmod $m failed"; done < /lib/modules/order
+mkdir -p /proc/xen && mount -t xenfs xenfs /proc/xen
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+mount -t ext4 /dev/vda /data || { say "cannot mount the data disk"; dmesg | tail -40 | sed "s/^/[dom0] dmesg /"; }
+xenstored --pid-file /run/xenstored.pid
+sleep 1
+xen-init-dom0 > /dev/null
+xenconsoled --log=guest --log-dir=/var/log/xen
+stage "boot+tools"
+
+run_guest() {  # run_guest BACKEND DISKSPEC [extra config lines]
+  b=$1; name=g-$b
+  cat > /tmp/$name.cfg <<CFG
+name = "$name"
+type = "pv"
+kernel = "/boot/vmlinuz"
+ramdisk = "/boot/guest-initrd.gz"
+extra = "console=hvc0 loglevel=4"
+memory = 256
+vcpus = 1
+on_poweroff = "destroy"
+on_crash = "destroy"
+disk = [ '$2' ]
+$3
+CFG
+  say "$b: xl create disk='$2'"
+  t0=$(up)
+  if ! xl -v create /tmp/$name.cfg > /tmp/$name.xl.log 2>&1; then
+    sed "s/^/[$b] xl: /" /tmp/$name.xl.log | grep -v domainbuilder | tail -30
+    tail -20 /var/log/xen/qemu-dm-$name.log 2>/dev/null | sed "s/^/[$b] dm: /"
+    return 1
+  fi
+  domid=$(xl domid $name)
+  fe=/local/domain/$domid/device/vbd/51712
+  be=$(xenstore-read $fe/backend)
+  i=0
+  while [ "$(xenstore-read $fe/state 2>/dev/null)" != 4 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+  xenstore-ls -f $fe | sed "s/^/[$b] XS frontend /"
+  xenstore-ls -f $be | sed "s/^/[$b] XS backend /"
+  i=0
+  while xl domid $name > /dev/null 2>&1 && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+  if xl domid $name > /dev/null 2>&1; then say "$b: guest still running after 300 s, destroying"; xl destroy $name; fi
+  sleep 1
+  sed -n '/=== guest begin ===/,/=== guest end/p' /var/log/xen/guest-$name.log | tr -d '\r' | sed "s/^/[$b] /"
+  t1=$(up)
+  say "$b: guest ran $(awk "BEGIN{print $t1 - $t0}") s"
+  stage "guest-$b"
+}
+
+for b in $(cat /etc/backends); do
+  case $b in
+    blkback)
+      loop=$(losetup -f)
+      losetup $loop /data/blkback.raw
+      run_guest blkback "phy:$loop,xvda,w"
+      losetup -d $loop ;;
+    qdisk)
+      run_guest qdisk "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=/data/qdisk.qcow2" ;;
+    cowtapd)
+      cowtapd --platform xen --backend-type qdisk > /var/log/cowtapd.log 2>&1 &
+      cpid=$!
+      sleep 1
+      run_guest cowtapd "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=/data/cowtapd.qcow2" \
+        'device_model_override = "/usr/lib/cowtap/cowtap-xenpv-dm"'
+      kill -TERM $cpid; wait $cpid
+      say "cowtapd exit $?"
+      sed 's/^/[cowtapd] LOG /' /var/log/cowtapd.log | tail -40 ;;
+  esac
+done
+sync
+umount /data || say "umount /data failed"
+stage "guests done"
+echo "=== dom0 done ==="
+poweroff -f
