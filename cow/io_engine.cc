@@ -25,6 +25,25 @@
 #include "base/checked_math.h"
 #include "base/log.h"
 
+// ThreadSanitizer cannot see that the kernel orders a submission before its
+// completion; the annotations tell it, per op.
+#if defined(__SANITIZE_THREAD__)
+#define COWTAP_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define COWTAP_TSAN 1
+#endif
+#endif
+#ifdef COWTAP_TSAN
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#define COWTAP_HANDOFF_RELEASE(p) __tsan_release(p)
+#define COWTAP_HANDOFF_ACQUIRE(p) __tsan_acquire(p)
+#else
+#define COWTAP_HANDOFF_RELEASE(p) ((void)(p))
+#define COWTAP_HANDOFF_ACQUIRE(p) ((void)(p))
+#endif
+
 namespace cowtap::cow {
 
 namespace {
@@ -539,6 +558,7 @@ class UringEngine final : public IoEngine {
     }
     if (fixed) sqe->flags |= IOSQE_FIXED_FILE;
     io_uring_sqe_set_data(sqe, op);
+    COWTAP_HANDOFF_RELEASE(op);
   }
 
   void Run() {
@@ -573,6 +593,7 @@ class UringEngine final : public IoEngine {
           continue;
         }
         auto* op = reinterpret_cast<Op*>(reaped[i].data);
+        COWTAP_HANDOFF_ACQUIRE(op);
         if (Advance(op, reaped[i].res)) {
           Complete(op);
         } else {

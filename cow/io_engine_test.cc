@@ -330,20 +330,25 @@ TEST_P(IoEngineTest, BoundsOpsInFlightAndLetsCompletionsSubmitMore) {
   constexpr int kOps = 40, kChain = 3;
   std::atomic<int> done{0};
   IoEngine* engine = engine_.get();
-  std::function<void(int, Status)> step = [&](int left, Status s) {
+  std::vector<std::vector<char>> rbufs(kOps, std::vector<char>(4096));
+  std::vector<iovec> riov(kOps);
+  for (int i = 0; i < kOps; ++i) riov[i] = MakeIoVec(rbufs[i].data(), 4096);
+  std::function<void(int, int, Status)> step = [&](int i, int left, Status s) {
     EXPECT_TRUE(s.ok());
     if (left == 0) {
       ++done;
       return;
     }
-    engine->Submit(IoOp::kReadv, Target(*f), 0, {&v, 1}, [&, left](Status s2) { step(left - 1, s2); });
+    engine->Submit(IoOp::kReadv, Target(*f), i * 4096, {&riov[i], 1},
+                   [&, i, left](Status s2) { step(i, left - 1, s2); });
   };
   for (int i = 0; i < kOps; ++i)
-    engine->Submit(IoOp::kWritev, Target(*f), i * 4096, {&v, 1}, [&](Status s) { step(kChain, s); });
+    engine->Submit(IoOp::kWritev, Target(*f), i * 4096, {&v, 1}, [&, i](Status s) { step(i, kChain, s); });
   // The chains are still running: destruction waits for them, and what their
   // completions submit meanwhile still starts.
   engine_.reset();
   EXPECT_EQ(done.load(), kOps);
+  for (auto& r : rbufs) EXPECT_EQ(r, data);
 }
 
 TEST_P(IoEngineTest, SubmittersWaitForRoomBeyondTheQueueDepth) {
