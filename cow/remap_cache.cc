@@ -1,38 +1,51 @@
 // RemapCache implementation notes.
 //
-// Layout: one flat array of 24-byte slots, a power of two long, always with
-// at least one empty slot (capacity < slot count), so every probe sequence
-// ends at an empty slot. A slot's key is virtual_cluster + 1 so that an
-// all-zero slot is empty; the one cluster index that cannot be encoded
-// (UINT64_MAX) is simply never cached.
+// Layout: an array of 64-byte, cache-line-aligned buckets. A bucket holds a
+// 16-byte header (sequence counter, home metadata, clock bits, the three
+// entries' layer and flags) and three keys and host offsets. A key is
+// virtual_cluster + 1 so that a zero key is an empty slot; the one cluster
+// index that cannot be encoded (UINT64_MAX) is simply never cached. Every
+// field is an atomic read and written with relaxed ordering: the sequence
+// counter provides the ordering.
 //
-// Probing: linear from Home(key) = Mix64(key) & mask_. Linear probing keeps a
-// lookup on one or two cache lines; the finalizer spreads the dense, sequential
-// cluster indices a disk produces evenly over the table.
+// Placement: Home(key) = fastrange(Mix64(key), bucket_count): the finalizer
+// spreads the dense, sequential cluster indices a disk produces evenly, the
+// multiply-shift maps it to any bucket count (no power-of-two rounding, so
+// memory follows the configured capacity). An insert takes the first free
+// slot of buckets home, home+1, ... home+kMaxDisplacement; if there is none
+// it evicts one entry of that range first. Entries never move afterwards (no
+// Robin Hood swaps, no backward shift): a reader can only find a key in the
+// one slot it was written to.
 //
-// Order: Robin Hood. Each slot records its entry's distance from home, and an
-// insert that meets an entry closer to its home than the new one takes that
-// slot and carries the displaced entry on. Every run is then sorted by home,
-// so a miss stops at the first entry closer to home than the probe has come,
-// instead of walking to the end of the run (at load 0.75, ~2.5 slots rather
-// than ~8.5). Hits cost what linear probing always costs (~2.5 at 0.75, ~1.5
-// at 0.5: the total displacement does not depend on the order).
+// Lookup length: each home bucket records how many of the entries homed on
+// it live in later buckets ("displaced") and how far the farthest is
+// ("max_displacement", reset to 0 when displaced drops to 0). A lookup
+// examines buckets home .. home + max_displacement and stops at a hit: a miss
+// on a home with nothing displaced reads one cache line. Probe length is
+// counted in buckets. Measured on a full cache, random keys (see the unit test
+// MeanProbeLengthAtDefaultLoadIsUnderOneAndAHalf and the benchmark), hit/miss
+// buckets: load 0.5: ~1.09/1.10, 0.7: ~1.29/1.43, 0.75: ~1.39/1.63, 0.9: ~2.4.
+// Hence the default max load factor 0.7: 30.5 bytes per entry.
 //
-// Deletion: backward shift. After emptying a slot, the following entries of
-// the run that are away from home move back by one, until an empty slot or an
-// entry at its home. That keeps the Robin Hood order and every entry
-// reachable, without tombstones that would lengthen later probes.
+// Concurrency: a seqlock per bucket. A writer (holding mu_, so writers never
+// race each other) makes the counter odd, fences, stores, then publishes the
+// even counter with release; a reader loads the counter (acquire), the fields
+// (relaxed), fences (acquire) and re-checks the counter, retrying on a change.
+// Insert updates the home's header before it writes the slot, erase clears the
+// slot before the header: a reader that sees the header but not yet the slot
+// misses, which orders it before the insert (or after the erase).
+// Clock bits are hints set by readers with an atomic OR outside the seqlock
+// (only when not set yet, so a hot line stays shared between cores); a bit
+// that lands on a slot just reused only gives that entry a second chance.
+// Lookup counters live in per-thread-ish shards (cache-line sized, picked by
+// a thread-local index) so that two ring threads do not bounce one line.
 //
-// Eviction: second chance, applied near the new key's home. A hit sets the
-// slot's referenced bit; a new entry starts unreferenced, so entries that were
-// never looked up again (a sequential scan) go before entries that proved
-// useful. The victim is the first unreferenced entry of the kEvictWindow slots
-// from the new key's home; if all there are referenced, they lose their bits
-// and the first goes. Evicting where the insert lands keeps the occupancy even
-// across the table: a single sweeping CLOCK hand empties the slots behind it
-// while the slots ahead fill towards 100%, and at a steady 0.75 load a scan
-// then made runs thousands of slots long (measured: inserts stalled). The
-// global hand (two revolutions at most) remains for a window with no entry.
+// Eviction: second chance, applied near the new key's home: the first
+// unreferenced entry of kEvictWindowBuckets buckets from home goes; if all
+// there are referenced they lose their bits and the first goes. Evicting
+// where the insert lands keeps occupancy even across the table (a single
+// sweeping hand would empty the slots behind it and overfill those ahead).
+// A global clock hand remains for a window holding no entry.
 #include "cow/remap_cache.h"
 
 #include <algorithm>
@@ -40,16 +53,37 @@
 #include <limits>
 
 namespace cowtap::cow {
+
+struct alignas(64) RemapCache::Bucket {
+  std::atomic<uint32_t> seq;               // odd while a writer changes the bucket
+  std::atomic<uint8_t> max_displacement;   // of entries homed here, in buckets
+  std::atomic<uint8_t> displaced;          // entries homed here living in later buckets
+  std::atomic<uint8_t> referenced;         // bit i: slot i was hit (clock bit)
+  std::atomic<uint8_t> flags[kSlotsPerBucket];
+  std::atomic<uint16_t> layer[kSlotsPerBucket];
+  std::atomic<uint64_t> key[kSlotsPerBucket];  // virtual_cluster + 1; 0 = empty
+  std::atomic<uint64_t> host_offset[kSlotsPerBucket];
+};
+
+struct alignas(64) RemapCache::CounterShard {
+  std::atomic<uint64_t> lookups;
+  std::atomic<uint64_t> hits;
+  std::atomic<uint64_t> probes;
+};
+
 namespace {
 
-// Largest capacity and slot count accepted; larger requests are clamped (2^31
-// entries is already ~100 GiB of table, far beyond any per-VBD budget). The
-// slot bound keeps every distance within Slot::distance's 32 bits.
+static_assert(sizeof(std::atomic<uint64_t>) == 8 && std::atomic<uint64_t>::is_always_lock_free);
+static_assert(std::atomic<uint32_t>::is_always_lock_free && std::atomic<uint16_t>::is_always_lock_free &&
+              std::atomic<uint8_t>::is_always_lock_free);
+// displaced counts at most every slot of the kMaxDisplacement later buckets.
+static_assert(RemapCache::kMaxDisplacement * RemapCache::kSlotsPerBucket <= 255);
+
 constexpr uint64_t kMaxCapacity = uint64_t{1} << 31;
-constexpr double kMaxSlots = 4294967296.0;
-constexpr double kDefaultLoadFactor = 0.75;
-// Slots examined for a victim near an inserted key's home.
-constexpr uint64_t kEvictWindow = 16;
+constexpr double kMaxBuckets = 2147483648.0;
+// Buckets examined for an eviction victim from an inserted key's home.
+constexpr uint64_t kEvictWindowBuckets = 4;
+constexpr uint32_t kCounterShards = 16;
 
 // A 64-bit multiply-xorshift finalizer (the constants of MurmurHash3's fmix64):
 // every input bit affects every output bit.
@@ -62,182 +96,305 @@ inline uint64_t Mix64(uint64_t x) {
   return x;
 }
 
-uint64_t RoundUpPowerOfTwo(uint64_t v) {
-  uint64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
 }
+
+uint32_t ThreadShard() {
+  static std::atomic<uint32_t> next{0};
+  thread_local const uint32_t shard = next.fetch_add(1, std::memory_order_relaxed) % kCounterShards;
+  return shard;
+}
+
+// Writer half of a bucket's seqlock. REQUIRES: the cache's mu_ held (one
+// writer at a time), and no other guard alive on the same bucket.
+class WriteGuard {
+ public:
+  explicit WriteGuard(std::atomic<uint32_t>& seq) : seq_(seq), value_(seq.load(std::memory_order_relaxed)) {
+    seq_.store(value_ + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+  }
+  ~WriteGuard() { seq_.store(value_ + 2, std::memory_order_release); }
+  WriteGuard(const WriteGuard&) = delete;
+  WriteGuard& operator=(const WriteGuard&) = delete;
+
+ private:
+  std::atomic<uint32_t>& seq_;
+  const uint32_t value_;
+};
+
+constexpr auto kRelaxed = std::memory_order_relaxed;
 
 }  // namespace
 
-RemapCache::RemapCache(uint64_t capacity, double max_load_factor) {
-  capacity_ = std::min(capacity, kMaxCapacity);
-  if (!(max_load_factor > 0.0 && max_load_factor <= 1.0)) max_load_factor = kDefaultLoadFactor;
-  stats_.capacity = capacity_;
+RemapCache::RemapCache(uint64_t capacity, double max_load_factor)
+    : capacity_(std::min(capacity, kMaxCapacity)), shards_(new CounterShard[kCounterShards]()) {
+  static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
+  if (!(max_load_factor > 0.0 && max_load_factor <= 1.0)) max_load_factor = kDefaultMaxLoadFactor;
   if (capacity_ == 0) return;
-  const double wanted = std::min(kMaxSlots, std::ceil(static_cast<double>(capacity_) / max_load_factor));
-  // Keep one slot empty at least, so that probes always terminate.
-  const uint64_t min_slots = std::max<uint64_t>(static_cast<uint64_t>(wanted), capacity_ + 1);
-  const uint64_t slot_count = RoundUpPowerOfTwo(min_slots);
-  slots_.assign(slot_count, Slot{});
-  mask_ = slot_count - 1;
+  const double wanted =
+      std::ceil(static_cast<double>(capacity_) / (max_load_factor * static_cast<double>(kSlotsPerBucket)));
+  const uint64_t at_least = (capacity_ + kSlotsPerBucket - 1) / kSlotsPerBucket;
+  bucket_count_ = std::max<uint64_t>(static_cast<uint64_t>(std::min(wanted, kMaxBuckets)), at_least);
+  buckets_.reset(new Bucket[bucket_count_]());
 }
 
-uint64_t RemapCache::Home(uint64_t key) const { return Mix64(key) & mask_; }
+RemapCache::~RemapCache() = default;
+
+uint64_t RemapCache::HomeBucket(uint64_t key) const {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(Mix64(key)) * bucket_count_) >> 64);
+}
 
 std::optional<Remap> RemapCache::Lookup(uint64_t virtual_cluster) {
-  ++stats_.lookups;
+  CounterShard& counters = shards_[ThreadShard()];
+  counters.lookups.fetch_add(1, kRelaxed);
   const uint64_t key = virtual_cluster + 1;
-  if (slots_.empty() || key == 0) {
-    ++stats_.misses;
-    return std::nullopt;
+  if (bucket_count_ == 0 || key == 0) return std::nullopt;
+  uint64_t b = HomeBucket(key);
+  uint64_t last = 0;  // displacement of the last bucket to examine
+  for (uint64_t d = 0;; ++d, b = NextBucket(b)) {
+    Bucket& bucket = buckets_[b];
+    int slot;
+    Remap remap;
+    uint8_t max_displacement;
+    for (;;) {
+      const uint32_t before = bucket.seq.load(std::memory_order_acquire);
+      if (before & 1) {
+        CpuRelax();
+        continue;
+      }
+      slot = -1;
+      for (int i = 0; i < kSlotsPerBucket; ++i) {
+        if (bucket.key[i].load(kRelaxed) == key) {
+          slot = i;
+          break;
+        }
+      }
+      if (slot >= 0) {
+        remap.host_offset = bucket.host_offset[slot].load(kRelaxed);
+        remap.layer = bucket.layer[slot].load(kRelaxed);
+        remap.flags = bucket.flags[slot].load(kRelaxed);
+      }
+      max_displacement = bucket.max_displacement.load(kRelaxed);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (bucket.seq.load(kRelaxed) == before) break;
+    }
+    if (d == 0) last = max_displacement;
+    if (slot >= 0) {
+      counters.probes.fetch_add(d + 1, kRelaxed);
+      counters.hits.fetch_add(1, kRelaxed);
+      const uint8_t bit = static_cast<uint8_t>(1u << slot);
+      if (!(bucket.referenced.load(kRelaxed) & bit)) bucket.referenced.fetch_or(bit, kRelaxed);
+      return remap;
+    }
+    if (d >= last) {
+      counters.probes.fetch_add(d + 1, kRelaxed);
+      return std::nullopt;
+    }
   }
-  const uint64_t i = Find(key, &stats_.probes);
-  if (i == kNoSlot) {
-    ++stats_.misses;
-    return std::nullopt;
-  }
-  Slot& s = slots_[i];
-  ++stats_.hits;
-  s.referenced = 1;
-  return Remap{s.host_offset, s.layer, s.flags};
 }
 
-uint64_t RemapCache::Find(uint64_t key, uint64_t* probes) const {
-  uint64_t i = Home(key);
-  for (uint64_t distance = 0;; ++distance) {
-    const Slot& s = slots_[i];
-    ++*probes;
-    if (s.key == key) return i;
-    // An empty slot, or an entry nearer its home than key would be here: in
-    // Robin Hood order key would have taken this slot, so it is absent.
-    if (s.key == 0 || s.distance < distance) return kNoSlot;
-    i = (i + 1) & mask_;
+std::optional<RemapCache::Location> RemapCache::FindLocked(uint64_t key) const {
+  uint64_t b = HomeBucket(key);
+  const uint64_t last = buckets_[b].max_displacement.load(kRelaxed);
+  for (uint64_t d = 0; d <= last; ++d, b = NextBucket(b)) {
+    for (int i = 0; i < kSlotsPerBucket; ++i) {
+      if (buckets_[b].key[i].load(kRelaxed) == key) return Location{b, i};
+    }
   }
+  return std::nullopt;
 }
 
 void RemapCache::Insert(uint64_t virtual_cluster, const Remap& remap) {
   const uint64_t key = virtual_cluster + 1;
-  if (slots_.empty() || key == 0) return;
-  uint64_t unused_probes = 0;
-  const uint64_t found = Find(key, &unused_probes);
-  ++stats_.inserts;
-  if (found != kNoSlot) {  // overwrite in place; keep its clock bit
-    slots_[found].host_offset = remap.host_offset;
-    slots_[found].layer = remap.layer;
-    slots_[found].flags = remap.flags;
+  if (bucket_count_ == 0 || key == 0) return;
+  std::lock_guard lock(mu_);
+  inserts_.fetch_add(1, kRelaxed);
+  if (const std::optional<Location> found = FindLocked(key)) {  // overwrite in place; keep its clock bit
+    Bucket& bucket = buckets_[found->bucket];
+    WriteGuard guard(bucket.seq);
+    bucket.host_offset[found->slot].store(remap.host_offset, kRelaxed);
+    bucket.layer[found->slot].store(remap.layer, kRelaxed);
+    bucket.flags[found->slot].store(remap.flags, kRelaxed);
     return;
   }
-  if (stats_.size >= capacity_) EvictNear(Home(key));
-  Slot carry{key, remap.host_offset, remap.layer, remap.flags, /*referenced=*/0, /*distance=*/0};
-  uint64_t i = Home(key);
-  // Terminates: at least one slot is empty (capacity < slot count).
-  while (slots_[i].key != 0) {
-    if (slots_[i].distance < carry.distance) std::swap(carry, slots_[i]);
-    ++carry.distance;
-    i = (i + 1) & mask_;
+  if (size_.load(kRelaxed) >= capacity_ && !EvictInWindowLocked(HomeBucket(key), kEvictWindowBuckets)) {
+    EvictOneLocked();
   }
-  slots_[i] = carry;
-  ++stats_.size;
+  PlaceLocked(key, remap);
+}
+
+void RemapCache::PlaceLocked(uint64_t key, const Remap& remap) {
+  const uint64_t home = HomeBucket(key);
+  const uint64_t span = std::min(kMaxDisplacement + 1, bucket_count_);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    uint64_t b = home;
+    for (uint64_t d = 0; d < span; ++d, b = NextBucket(b)) {
+      Bucket& bucket = buckets_[b];
+      for (int i = 0; i < kSlotsPerBucket; ++i) {
+        if (bucket.key[i].load(kRelaxed) != 0) continue;
+        if (d > 0) {
+          Bucket& h = buckets_[home];
+          WriteGuard guard(h.seq);
+          h.displaced.store(static_cast<uint8_t>(h.displaced.load(kRelaxed) + 1), kRelaxed);
+          if (d > h.max_displacement.load(kRelaxed)) h.max_displacement.store(static_cast<uint8_t>(d), kRelaxed);
+        }
+        {
+          WriteGuard guard(bucket.seq);
+          bucket.referenced.fetch_and(static_cast<uint8_t>(~(1u << i)), kRelaxed);
+          bucket.host_offset[i].store(remap.host_offset, kRelaxed);
+          bucket.layer[i].store(remap.layer, kRelaxed);
+          bucket.flags[i].store(remap.flags, kRelaxed);
+          bucket.key[i].store(key, kRelaxed);
+        }
+        size_.fetch_add(1, kRelaxed);
+        return;
+      }
+    }
+    // Every slot within reach is taken: free one there. The range holds
+    // span * kSlotsPerBucket >= 3 entries, so the second pass finds a slot.
+    EvictInWindowLocked(home, span);
+  }
+}
+
+void RemapCache::EraseLocked(Location loc) {
+  Bucket& bucket = buckets_[loc.bucket];
+  const uint64_t key = bucket.key[loc.slot].load(kRelaxed);
+  {
+    WriteGuard guard(bucket.seq);
+    bucket.key[loc.slot].store(0, kRelaxed);
+  }
+  const uint64_t home = HomeBucket(key);
+  if (home != loc.bucket) {
+    Bucket& h = buckets_[home];
+    WriteGuard guard(h.seq);
+    const uint8_t displaced = static_cast<uint8_t>(h.displaced.load(kRelaxed) - 1);
+    h.displaced.store(displaced, kRelaxed);
+    if (displaced == 0) h.max_displacement.store(0, kRelaxed);
+  }
+  size_.fetch_sub(1, kRelaxed);
+}
+
+bool RemapCache::EvictInWindowLocked(uint64_t first_bucket, uint64_t buckets) {
+  buckets = std::min(buckets, bucket_count_);
+  std::optional<Location> first_occupied;
+  uint64_t b = first_bucket;
+  for (uint64_t n = 0; n < buckets; ++n, b = NextBucket(b)) {
+    const uint8_t referenced = buckets_[b].referenced.load(kRelaxed);
+    for (int i = 0; i < kSlotsPerBucket; ++i) {
+      if (buckets_[b].key[i].load(kRelaxed) == 0) continue;
+      if (!(referenced & (1u << i))) {
+        EraseLocked(Location{b, i});
+        evictions_.fetch_add(1, kRelaxed);
+        return true;
+      }
+      if (!first_occupied) first_occupied = Location{b, i};
+    }
+  }
+  if (!first_occupied) return false;
+  b = first_bucket;
+  for (uint64_t n = 0; n < buckets; ++n, b = NextBucket(b)) buckets_[b].referenced.store(0, kRelaxed);
+  EraseLocked(*first_occupied);
+  evictions_.fetch_add(1, kRelaxed);
+  return true;
+}
+
+void RemapCache::EvictOneLocked() {
+  // Two revolutions suffice: the first clears every referenced bit it passes.
+  const uint64_t slots = bucket_count_ * kSlotsPerBucket;
+  for (uint64_t step = 0; step < 2 * slots + 1; ++step) {
+    const Location loc{clock_hand_ / kSlotsPerBucket, static_cast<int>(clock_hand_ % kSlotsPerBucket)};
+    Bucket& bucket = buckets_[loc.bucket];
+    clock_hand_ = clock_hand_ + 1 == slots ? 0 : clock_hand_ + 1;
+    if (bucket.key[loc.slot].load(kRelaxed) == 0) continue;
+    const uint8_t bit = static_cast<uint8_t>(1u << loc.slot);
+    if (!(bucket.referenced.load(kRelaxed) & bit)) {
+      EraseLocked(loc);
+      evictions_.fetch_add(1, kRelaxed);
+      return;
+    }
+    bucket.referenced.fetch_and(static_cast<uint8_t>(~bit), kRelaxed);
+  }
+}
+
+void RemapCache::InvalidateLocked(uint64_t key) {
+  if (const std::optional<Location> found = FindLocked(key)) {
+    EraseLocked(*found);
+    invalidations_.fetch_add(1, kRelaxed);
+  }
 }
 
 void RemapCache::Invalidate(uint64_t virtual_cluster) {
   const uint64_t key = virtual_cluster + 1;
-  if (slots_.empty() || key == 0) return;
-  uint64_t unused_probes = 0;
-  const uint64_t i = Find(key, &unused_probes);
-  if (i == kNoSlot) return;
-  EraseSlot(i);
-  ++stats_.invalidations;
+  if (bucket_count_ == 0 || key == 0) return;
+  std::lock_guard lock(mu_);
+  InvalidateLocked(key);
 }
 
 void RemapCache::InvalidateRange(uint64_t first_cluster, uint64_t count) {
-  if (slots_.empty() || count == 0 || stats_.size == 0) return;
+  if (bucket_count_ == 0 || count == 0) return;
+  std::lock_guard lock(mu_);
+  if (size_.load(kRelaxed) == 0) return;
   // Saturate the end: a range reaching past UINT64_MAX covers everything above first.
   const uint64_t last = count - 1 > std::numeric_limits<uint64_t>::max() - first_cluster
                             ? std::numeric_limits<uint64_t>::max()
                             : first_cluster + (count - 1);
-  if (count <= slots_.size()) {
+  const uint64_t slots = bucket_count_ * kSlotsPerBucket;
+  if (count <= slots) {
     for (uint64_t c = first_cluster;; ++c) {
-      Invalidate(c);
+      if (c != std::numeric_limits<uint64_t>::max()) InvalidateLocked(c + 1);
       if (c == last) break;
     }
     return;
   }
-  // Sweep the table instead. Start just after an empty slot, so no run wraps
-  // across the start: a backward shift then only moves entries into the slot
-  // being examined (re-examined by the inner loop) or into slots not yet
-  // reached, never an unexamined entry into an examined slot.
-  uint64_t start = 0;
-  while (slots_[start].key != 0) ++start;  // one empty slot always exists
-  for (uint64_t n = 0; n < slots_.size(); ++n) {
-    const uint64_t i = (start + 1 + n) & mask_;
-    while (slots_[i].key != 0 && slots_[i].key - 1 >= first_cluster && slots_[i].key - 1 <= last) {
-      EraseSlot(i);
-      ++stats_.invalidations;
+  // Sweep the table instead; entries never move, so one pass sees each once.
+  for (uint64_t b = 0; b < bucket_count_; ++b) {
+    for (int i = 0; i < kSlotsPerBucket; ++i) {
+      const uint64_t key = buckets_[b].key[i].load(kRelaxed);
+      if (key != 0 && key - 1 >= first_cluster && key - 1 <= last) {
+        EraseLocked(Location{b, i});
+        invalidations_.fetch_add(1, kRelaxed);
+      }
     }
   }
 }
 
 void RemapCache::Clear() {
-  std::fill(slots_.begin(), slots_.end(), Slot{});
-  stats_.size = 0;
+  std::lock_guard lock(mu_);
+  for (uint64_t b = 0; b < bucket_count_; ++b) {
+    Bucket& bucket = buckets_[b];
+    WriteGuard guard(bucket.seq);
+    for (int i = 0; i < kSlotsPerBucket; ++i) bucket.key[i].store(0, kRelaxed);
+    bucket.displaced.store(0, kRelaxed);
+    bucket.max_displacement.store(0, kRelaxed);
+    bucket.referenced.store(0, kRelaxed);
+  }
+  size_.store(0, kRelaxed);
   clock_hand_ = 0;
 }
 
-RemapCacheStats RemapCache::Stats() const { return stats_; }
-
-uint64_t RemapCache::MemoryBytes() const { return sizeof(*this) + slots_.capacity() * sizeof(Slot); }
-
-void RemapCache::EraseSlot(uint64_t index) {
-  uint64_t hole = index;
-  uint64_t j = (index + 1) & mask_;
-  while (slots_[j].key != 0 && slots_[j].distance > 0) {
-    slots_[hole] = slots_[j];
-    --slots_[hole].distance;
-    hole = j;
-    j = (j + 1) & mask_;
+RemapCacheStats RemapCache::Stats() const {
+  RemapCacheStats s;
+  s.capacity = capacity_;
+  s.size = size_.load(kRelaxed);
+  for (uint32_t i = 0; i < kCounterShards; ++i) {
+    s.hits += shards_[i].hits.load(kRelaxed);
+    s.probes += shards_[i].probes.load(kRelaxed);
+    s.lookups += shards_[i].lookups.load(kRelaxed);
   }
-  slots_[hole] = Slot{};
-  --stats_.size;
+  s.misses = s.lookups >= s.hits ? s.lookups - s.hits : 0;
+  s.inserts = inserts_.load(kRelaxed);
+  s.evictions = evictions_.load(kRelaxed);
+  s.invalidations = invalidations_.load(kRelaxed);
+  return s;
 }
 
-void RemapCache::EvictNear(uint64_t home) {
-  uint64_t first_occupied = kNoSlot;
-  for (uint64_t n = 0, i = home; n < kEvictWindow; ++n, i = (i + 1) & mask_) {
-    if (slots_[i].key == 0) continue;
-    if (slots_[i].referenced == 0) {
-      EraseSlot(i);
-      ++stats_.evictions;
-      return;
-    }
-    if (first_occupied == kNoSlot) first_occupied = i;
-  }
-  if (first_occupied == kNoSlot) {
-    EvictOne();
-    return;
-  }
-  for (uint64_t n = 0, i = home; n < kEvictWindow; ++n, i = (i + 1) & mask_) slots_[i].referenced = 0;
-  EraseSlot(first_occupied);
-  ++stats_.evictions;
-}
-
-void RemapCache::EvictOne() {
-  // Two revolutions suffice: the first clears every referenced bit it passes.
-  const uint64_t limit = 2 * slots_.size() + 1;
-  for (uint64_t step = 0; step < limit; ++step) {
-    Slot& s = slots_[clock_hand_];
-    if (s.key != 0) {
-      if (s.referenced == 0) {
-        // The hand stays: the backward shift may move an unexamined entry here.
-        EraseSlot(clock_hand_);
-        ++stats_.evictions;
-        return;
-      }
-      s.referenced = 0;
-    }
-    clock_hand_ = (clock_hand_ + 1) & mask_;
-  }
+uint64_t RemapCache::MemoryBytes() const {
+  return sizeof(*this) + bucket_count_ * sizeof(Bucket) + kCounterShards * sizeof(CounterShard);
 }
 
 }  // namespace cowtap::cow
