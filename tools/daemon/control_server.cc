@@ -370,12 +370,14 @@ Status ControlServer::Listen() {
       return Status::InvalidArgument(
           fmt::format("{} exists and is not a socket; remove it or choose another control socket path", path_));
     }
-    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    // Non-blocking: a live daemon with a full backlog answers EAGAIN
+    // instead of stalling the start.
+    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (probe < 0) return Status::FromErrno(errno, "creating a socket");
     const int rc = ::connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
     const int err = errno;
     ::close(probe);
-    if (rc == 0) {
+    if (rc == 0 || err == EAGAIN) {
       return Status::Busy(fmt::format("another cowtapd is listening on {}; stop it or choose another socket", path_));
     }
     if (err != ECONNREFUSED) return Status::FromErrno(err, fmt::format("probing the existing socket {}", path_));
