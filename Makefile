@@ -41,3 +41,16 @@ fuzz: deps
 
 clean:
 	rm -rf build build-asan build-fuzz
+
+# Real Xen end to end (tests/xen/run.sh): Xen 4.17 + dom0 under QEMU, a Linux
+# PV guest on kernel blkback, qdisk and cowtapd; a few minutes; fetches the
+# Xen/kernel/QEMU packages it needs on first use.
+.PHONY: test-xen install
+test-xen: build
+	@tests/xen/run.sh $(BUILD_DIR)
+
+# Installs cowtapd, cowtap, cowtap-xenpv-dm, the systemd unit and the xl docs.
+PREFIX ?= /usr/local
+DESTDIR ?=
+install: build
+	@tools/xl/install.sh $(BUILD_DIR) "$(DESTDIR)" $(PREFIX)

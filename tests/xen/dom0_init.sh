@@ -43,11 +43,19 @@ $3
 CFG
   say "$b: xl create disk='$2'"
   t0=$(up)
-  if ! xl -v create /tmp/$name.cfg > /tmp/$name.xl.log 2>&1; then
-    sed "s/^/[$b] xl: /" /tmp/$name.xl.log | grep -v domainbuilder | tail -30
+  # Under TCG on a loaded host libxl's 10 s QMP timeout for a device model
+  # can expire; one retry, and the report says so.
+  attempt=1
+  while ! xl -v create /tmp/$name.cfg > /tmp/$name.xl.log 2>&1; do
+    sed "s/^/[$b] xl: /" /tmp/$name.xl.log | grep -v -E 'domainbuilder|xc: detail' | tail -12
     tail -20 /var/log/xen/qemu-dm-$name.log 2>/dev/null | sed "s/^/[$b] dm: /"
-    return 1
-  fi
+    xl destroy $name > /dev/null 2>&1
+    [ $attempt -ge 2 ] && return 1
+    attempt=$((attempt + 1))
+    say "$b: xl create failed, attempt $attempt"
+    sleep 2
+  done
+  tail -5 /var/log/xen/qemu-dm-$name.log 2>/dev/null | sed "s/^/[$b] dm: /"
   domid=$(xl domid $name)
   fe=/local/domain/$domid/device/vbd/51712
   be=$(xenstore-read $fe/backend)
