@@ -63,6 +63,7 @@ CFG
   while [ "$(xenstore-read $fe/state 2>/dev/null)" != 4 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
   xenstore-ls -f $fe | sed "s/^/[$b] XS frontend /"
   xenstore-ls -f $be | sed "s/^/[$b] XS backend /"
+  [ $b = cowtapd ] && command -v cowtap > /dev/null && cowtap ctl list 2>&1 | sed "s/^/[$b] CTL /"
   i=0
   while xl domid $name > /dev/null 2>&1 && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
   if xl domid $name > /dev/null 2>&1; then say "$b: guest still running after 300 s, destroying"; xl destroy $name; fi
@@ -83,6 +84,7 @@ for b in $(cat /etc/backends); do
     qdisk)
       run_guest qdisk "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=/data/qdisk.qcow2" ;;
     cowtapd)
+      mkdir -p /run/cowtap
       cowtapd --platform xen --backend-type qdisk > /var/log/cowtapd.log 2>&1 &
       cpid=$!
       sleep 1
