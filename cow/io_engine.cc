@@ -11,6 +11,8 @@
 #include "cow/io_engine.h"
 
 #include <liburing.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -198,7 +200,15 @@ IoEngineStats IoEngine::stats() const {
 }
 
 bool IoEngine::OnEngineThread() const { return t_engine_thread == this; }
-void IoEngine::MarkEngineThread() { t_engine_thread = this; }
+
+void IoEngine::MarkEngineThread() {
+  t_engine_thread = this;
+  // Signals are for the process's own threads (a daemon's SIGTERM handling),
+  // never an engine thread's to take.
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+}
 
 void IoEngine::NotePlugged() {
   auto& v = t_plug.engines;

@@ -24,6 +24,15 @@
 // engine's own threads (completion callbacks) never wait, so a callback may
 // submit more I/O without deadlock.
 //
+// Two rules for callers follow: a completion must not block waiting for
+// other I/O of the same engine (it runs on the thread that would complete
+// it), and a plugged thread must not wait for I/O it submitted while plugged
+// (nothing starts it before its Unplug).
+//
+// Engine threads block every signal. COWTAP_IO_ENGINE=threads in the
+// environment selects the threads mode for engines created with kAuto
+// (the default engine included); "uring"/"auto" or unset keep io_uring.
+//
 // Thread-safety: every method is safe to call from any thread. The
 // destructor waits for every submitted op to complete (callbacks included);
 // REQUIRES: no submissions race with destruction.
