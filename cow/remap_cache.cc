@@ -5,8 +5,7 @@
 // entries' layer and flags) and three keys and host offsets. A key is
 // virtual_cluster + 1 so that a zero key is an empty slot; the one cluster
 // index that cannot be encoded (UINT64_MAX) is simply never cached. Every
-// field is an atomic read and written with relaxed ordering: the sequence
-// counter provides the ordering.
+// field is an atomic (see Concurrency for the orderings).
 //
 // Placement: Home(key) = fastrange(Mix64(key), bucket_count): the finalizer
 // spreads the dense, sequential cluster indices a disk produces evenly, the
@@ -27,10 +26,15 @@
 // buckets: load 0.5: ~1.09/1.10, 0.7: ~1.29/1.43, 0.75: ~1.39/1.63, 0.9: ~2.4.
 // Hence the default max load factor 0.7: 30.5 bytes per entry.
 //
-// Concurrency: a seqlock per bucket. A writer (holding mu_, so writers never
-// race each other) makes the counter odd, fences, stores, then publishes the
-// even counter with release; a reader loads the counter (acquire), the fields
-// (relaxed), fences (acquire) and re-checks the counter, retrying on a change.
+// Concurrency: a seqlock per bucket, written without standalone fences (which
+// ThreadSanitizer cannot model). A writer (holding mu_, so writers never race
+// each other) makes the counter odd, stores the fields with release, then
+// publishes the even counter with release. A reader loads the counter
+// (acquire), the fields (acquire), and re-checks the counter, retrying if it
+// was odd or changed: if any field it read is a writer's new value, the
+// release/acquire pair on that field makes the writer's odd counter visible to
+// the re-check, so a mix of old and new never passes. On x86 every one of
+// these is a plain move.
 // Insert updates the home's header before it writes the slot, erase clears the
 // slot before the header: a reader that sees the header but not yet the slot
 // misses, which orders it before the insert (or after the erase).
@@ -116,7 +120,6 @@ class WriteGuard {
  public:
   explicit WriteGuard(std::atomic<uint32_t>& seq) : seq_(seq), value_(seq.load(std::memory_order_relaxed)) {
     seq_.store(value_ + 1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
   }
   ~WriteGuard() { seq_.store(value_ + 2, std::memory_order_release); }
   WriteGuard(const WriteGuard&) = delete;
@@ -128,6 +131,8 @@ class WriteGuard {
 };
 
 constexpr auto kRelaxed = std::memory_order_relaxed;
+constexpr auto kAcquire = std::memory_order_acquire;
+constexpr auto kRelease = std::memory_order_release;
 
 }  // namespace
 
@@ -169,18 +174,17 @@ std::optional<Remap> RemapCache::Lookup(uint64_t virtual_cluster) {
       }
       slot = -1;
       for (int i = 0; i < kSlotsPerBucket; ++i) {
-        if (bucket.key[i].load(kRelaxed) == key) {
+        if (bucket.key[i].load(kAcquire) == key) {
           slot = i;
           break;
         }
       }
       if (slot >= 0) {
-        remap.host_offset = bucket.host_offset[slot].load(kRelaxed);
-        remap.layer = bucket.layer[slot].load(kRelaxed);
-        remap.flags = bucket.flags[slot].load(kRelaxed);
+        remap.host_offset = bucket.host_offset[slot].load(kAcquire);
+        remap.layer = bucket.layer[slot].load(kAcquire);
+        remap.flags = bucket.flags[slot].load(kAcquire);
       }
-      max_displacement = bucket.max_displacement.load(kRelaxed);
-      std::atomic_thread_fence(std::memory_order_acquire);
+      max_displacement = bucket.max_displacement.load(kAcquire);
       if (bucket.seq.load(kRelaxed) == before) break;
     }
     if (d == 0) last = max_displacement;
@@ -217,9 +221,9 @@ void RemapCache::Insert(uint64_t virtual_cluster, const Remap& remap) {
   if (const std::optional<Location> found = FindLocked(key)) {  // overwrite in place; keep its clock bit
     Bucket& bucket = buckets_[found->bucket];
     WriteGuard guard(bucket.seq);
-    bucket.host_offset[found->slot].store(remap.host_offset, kRelaxed);
-    bucket.layer[found->slot].store(remap.layer, kRelaxed);
-    bucket.flags[found->slot].store(remap.flags, kRelaxed);
+    bucket.host_offset[found->slot].store(remap.host_offset, kRelease);
+    bucket.layer[found->slot].store(remap.layer, kRelease);
+    bucket.flags[found->slot].store(remap.flags, kRelease);
     return;
   }
   if (size_.load(kRelaxed) >= capacity_ && !EvictInWindowLocked(HomeBucket(key), kEvictWindowBuckets)) {
@@ -240,16 +244,16 @@ void RemapCache::PlaceLocked(uint64_t key, const Remap& remap) {
         if (d > 0) {
           Bucket& h = buckets_[home];
           WriteGuard guard(h.seq);
-          h.displaced.store(static_cast<uint8_t>(h.displaced.load(kRelaxed) + 1), kRelaxed);
-          if (d > h.max_displacement.load(kRelaxed)) h.max_displacement.store(static_cast<uint8_t>(d), kRelaxed);
+          h.displaced.store(static_cast<uint8_t>(h.displaced.load(kRelaxed) + 1), kRelease);
+          if (d > h.max_displacement.load(kRelaxed)) h.max_displacement.store(static_cast<uint8_t>(d), kRelease);
         }
         {
           WriteGuard guard(bucket.seq);
           bucket.referenced.fetch_and(static_cast<uint8_t>(~(1u << i)), kRelaxed);
-          bucket.host_offset[i].store(remap.host_offset, kRelaxed);
-          bucket.layer[i].store(remap.layer, kRelaxed);
-          bucket.flags[i].store(remap.flags, kRelaxed);
-          bucket.key[i].store(key, kRelaxed);
+          bucket.host_offset[i].store(remap.host_offset, kRelease);
+          bucket.layer[i].store(remap.layer, kRelease);
+          bucket.flags[i].store(remap.flags, kRelease);
+          bucket.key[i].store(key, kRelease);
         }
         size_.fetch_add(1, kRelaxed);
         return;
@@ -266,15 +270,15 @@ void RemapCache::EraseLocked(Location loc) {
   const uint64_t key = bucket.key[loc.slot].load(kRelaxed);
   {
     WriteGuard guard(bucket.seq);
-    bucket.key[loc.slot].store(0, kRelaxed);
+    bucket.key[loc.slot].store(0, kRelease);
   }
   const uint64_t home = HomeBucket(key);
   if (home != loc.bucket) {
     Bucket& h = buckets_[home];
     WriteGuard guard(h.seq);
     const uint8_t displaced = static_cast<uint8_t>(h.displaced.load(kRelaxed) - 1);
-    h.displaced.store(displaced, kRelaxed);
-    if (displaced == 0) h.max_displacement.store(0, kRelaxed);
+    h.displaced.store(displaced, kRelease);
+    if (displaced == 0) h.max_displacement.store(0, kRelease);
   }
   size_.fetch_sub(1, kRelaxed);
 }
@@ -368,9 +372,9 @@ void RemapCache::Clear() {
   for (uint64_t b = 0; b < bucket_count_; ++b) {
     Bucket& bucket = buckets_[b];
     WriteGuard guard(bucket.seq);
-    for (int i = 0; i < kSlotsPerBucket; ++i) bucket.key[i].store(0, kRelaxed);
-    bucket.displaced.store(0, kRelaxed);
-    bucket.max_displacement.store(0, kRelaxed);
+    for (int i = 0; i < kSlotsPerBucket; ++i) bucket.key[i].store(0, kRelease);
+    bucket.displaced.store(0, kRelease);
+    bucket.max_displacement.store(0, kRelease);
     bucket.referenced.store(0, kRelaxed);
   }
   size_.store(0, kRelaxed);
