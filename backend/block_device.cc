@@ -2,6 +2,12 @@
 
 #include <fmt/format.h>
 
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
 #include "base/checked_math.h"
 #include "cow/image.h"
 
@@ -31,6 +37,57 @@ void BlockDevice::Submit(const BlockIo& io, BlockCompletion done) {
 }
 
 namespace {
+
+// A few threads that run the operations that may block for long (flush,
+// discard, write-zeroes) off the submitting (ring) thread. Started on first
+// use; the destructor runs what is queued, then joins.
+class WorkerPool {
+ public:
+  explicit WorkerPool(size_t threads) : max_threads_(threads) {}
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+  ~WorkerPool() {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  void Run(std::function<void()> task) {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(std::move(task));
+      if (idle_ == 0 && threads_.size() < max_threads_) threads_.emplace_back([this] { Loop(); });
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock lock(mu_);
+    while (true) {
+      ++idle_;
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      --idle_;
+      if (queue_.empty()) return;  // stopping and drained
+      std::function<void()> task = std::move(queue_.front());
+      queue_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  const size_t max_threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // GUARDED_BY(mu_)
+  std::vector<std::thread> threads_;         // GUARDED_BY(mu_)
+  size_t idle_ = 0;                          // GUARDED_BY(mu_)
+  bool stopping_ = false;                    // GUARDED_BY(mu_)
+};
 
 class ImageBlockDevice final : public BlockDevice {
  public:
@@ -80,6 +137,46 @@ class ImageBlockDevice final : public BlockDevice {
     return image_->WriteZeroes(offset_bytes, length_bytes, /*may_unmap=*/false);
   }
 
+  // Reads and writes go to the image's asynchronous I/O (several in flight,
+  // completing on the file's threads); flush, discard and write-zeroes, and
+  // the flush of a FUA write, run on the worker pool so the ring thread
+  // never blocks on them.
+  void Submit(const BlockIo& io, BlockCompletion done) override {
+    switch (io.kind) {
+      case BlockIoKind::kRead: {
+        Status s = CheckRange(io.offset_bytes, TotalLength(io.iov));
+        if (!s.ok()) return done(std::move(s));
+        image_->SubmitRead(io.offset_bytes, io.iov, std::move(done));
+        return;
+      }
+      case BlockIoKind::kWrite: {
+        Status s = CheckWritable();
+        if (s.ok()) s = CheckRange(io.offset_bytes, TotalLength(io.iov));
+        if (!s.ok()) return done(std::move(s));
+        if (!io.flush_after) {
+          image_->SubmitWrite(io.offset_bytes, io.iov, std::move(done));
+          return;
+        }
+        // A write that completed inline came from a synchronous file: its
+        // flush runs inline too. Otherwise the flush leaves the file's
+        // completion thread for the pool.
+        image_->SubmitWrite(io.offset_bytes, io.iov,
+                            [this, submitter = std::this_thread::get_id(), done = std::move(done)](Status ws) mutable {
+                              if (!ws.ok()) return done(std::move(ws));
+                              if (std::this_thread::get_id() == submitter) return done(Flush());
+                              pool_.Run([this, done = std::move(done)] { done(Flush()); });
+                            });
+        return;
+      }
+      case BlockIoKind::kFlush:
+      case BlockIoKind::kDiscard:
+      case BlockIoKind::kWriteZeroes:
+        pool_.Run([this, io, done = std::move(done)] { BlockDevice::Submit(io, done); });
+        return;
+    }
+    done(Status::InvalidArgument("unknown block I/O kind"));
+  }
+
  private:
   Status CheckRange(uint64_t offset_bytes, uint64_t length_bytes) const {
     if (!RangeWithin(offset_bytes, length_bytes, size_bytes())) {
@@ -95,6 +192,8 @@ class ImageBlockDevice final : public BlockDevice {
 
   const std::shared_ptr<cow::Image> image_;
   const ImageDeviceOptions options_;
+  // Last member: destroyed (drained and joined) first.
+  WorkerPool pool_{2};
 };
 
 }  // namespace

@@ -106,6 +106,9 @@ struct ImageDeviceOptions {
 };
 
 // A BlockDevice over one image chain. Shares ownership of the image.
+// Submit() is asynchronous: reads and writes use the image's SubmitRead/
+// SubmitWrite; flush, discard and write-zeroes run on two worker threads of
+// the device. The device must outlive the I/O submitted to it.
 // physical_sector_size is 4096 when the size is a multiple of it (every
 // image cowtap creates), else 512; discard granularity is the cluster size
 // (qcow2/qcow) or 4096 (raw).

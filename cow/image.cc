@@ -4,6 +4,8 @@
 // to know about chains.
 #include "cow/image.h"
 
+#include <condition_variable>
+#include <mutex>
 #include <set>
 
 #include "base/endian.h"
@@ -38,6 +40,25 @@ Result<ImageFormat> ProbeFormat(File& file) {
   if (version == 2 || version == 3) return ImageFormat::kQcow2;
   return Status::NotSupported(file.path() + ": qcow image version " + std::to_string(version) +
                               " is not supported (cowtap reads qcow v1 and qcow2 v2/v3)");
+}
+
+Status WaitForCompletion(const std::function<void(ImageCompletion)>& start) {
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status status;
+  };
+  auto state = std::make_shared<State>();
+  start([state](Status s) {
+    std::lock_guard lock(state->mu);
+    state->status = std::move(s);
+    state->done = true;
+    state->cv.notify_all();
+  });
+  std::unique_lock lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done; });
+  return state->status;
 }
 
 namespace {

@@ -80,6 +80,26 @@ struct Extent {
   std::string file;
 };
 
+// Outcome of an asynchronous image operation; called exactly once, on the
+// submitting thread (synchronous completion) or on a file's completion
+// thread. Never called with an engine lock held.
+using ImageCompletion = std::function<void(Status)>;
+
+// Counters of how guest I/O was served (monotonic since open). For benches
+// and tests; read racily.
+struct ImageIoStats {
+  uint64_t fast_reads = 0;       // every cluster hit the remap cache, no engine lock
+  uint64_t fast_writes = 0;      // every cluster hit as in-place writable, no engine lock
+  uint64_t slow_reads = 0;       // resolved under the engine lock
+  uint64_t slow_writes = 0;
+  uint64_t allocations = 0;      // clusters reserved for guest data
+  uint64_t allocating_writes = 0;  // data writes into newly reserved clusters
+  uint64_t link_rounds = 0;      // lock acquisitions that linked >= 1 allocation
+  uint64_t links = 0;            // allocations linked into L2 tables
+  uint64_t alloc_waits = 0;      // writes that waited for an allocation in flight
+  uint64_t deferred_frees = 0;   // clusters freed only after older I/O drained
+};
+
 struct OpenOptions {
   bool read_only = false;
   // The format of the top image; probed when unset. Backing images use the
@@ -129,6 +149,18 @@ class Image {
   virtual Status Discard(uint64_t offset, uint64_t length) = 0;
   // Makes every write that returned OK before this call durable.
   virtual Status Flush() = 0;
+
+  // Asynchronous Read/Write/Flush: start the operation and call done exactly
+  // once with the outcome the synchronous form would return. A write counts
+  // as completed (for Flush) when done runs. REQUIRES: iov's array and
+  // memory stay valid until done runs. The defaults run the synchronous form
+  // inline; qcow2 and raw serve reads and writes through the files' async
+  // I/O, with several in flight at once.
+  virtual void SubmitRead(uint64_t offset, IoVecs iov, ImageCompletion done) { done(Read(offset, iov)); }
+  virtual void SubmitWrite(uint64_t offset, IoVecs iov, ImageCompletion done) { done(Write(offset, iov)); }
+  virtual void SubmitFlush(ImageCompletion done) { done(Flush()); }
+  // How guest I/O was served so far (zeros where a format does not count).
+  virtual ImageIoStats io_stats() const { return {}; }
   // Describes [offset, offset + length) through the chain, in order, merging
   // neighbours with the same attributes.
   virtual Result<std::vector<Extent>> Map(uint64_t offset, uint64_t length) = 0;
@@ -155,6 +187,12 @@ struct BackingRef {
   std::optional<ImageFormat> format;
 };
 using BackingOpener = std::function<Result<std::shared_ptr<Image>>(const BackingRef&)>;
+
+// Runs start (which submits one asynchronous operation with the completion
+// it is given) and blocks until that completion ran; returns its status.
+// Must not be called where the submission could be held back until this
+// thread returns (between a caller's plug and unplug).
+Status WaitForCompletion(const std::function<void(ImageCompletion)>& start);
 
 // Reads the first bytes of a file and says which format it is (qcow2: magic
 // and version 2/3; qcow: magic and version 1; anything else raw).

@@ -174,6 +174,7 @@ Status Qcow2Image::CheckWritable() {
 }
 
 Status Qcow2Image::MarkBroken(const Status& cause) {
+  fast_writes_ok_ = false;
   if (read_only_reason_.empty())
     read_only_reason_ = path_ + ": metadata found corrupt during I/O (" + cause.message() +
                         "); further writes are refused. Run `qemu-img check -r all`";
@@ -210,6 +211,7 @@ Status Qcow2Image::PrepareFirstWrite() {
 }
 
 Result<std::pair<uint64_t, uint64_t>> Qcow2Image::AllocateClusters(uint64_t max_count) {
+  COWTAP_RETURN_IF_ERROR(ReclaimFrees());
   COWTAP_ASSIGN_OR_RETURN(auto got, refcounts_->AllocateRun(max_count));
   refcount_flush_pending_ = true;
   uint64_t end = got.first + got.second * cluster_size_;
@@ -259,18 +261,47 @@ Status Qcow2Image::FreeClusters(std::vector<uint64_t>* host_clusters) {
   // be durable before any refcount decrement can reach the disk.
   COWTAP_RETURN_IF_ERROR(l2_cache_->FlushDirty());
   COWTAP_RETURN_IF_ERROR(file_->Flush());
+  // The references are gone and their remap entries invalidated; fast-path
+  // I/O that looked them up earlier may still be in flight, so the clusters
+  // become free only once that epoch drained (usually at once).
+  free_waiting_.insert(free_waiting_.end(), host_clusters->begin(), host_clusters->end());
+  host_clusters->clear();
+  return ReclaimFrees();
+}
+
+Status Qcow2Image::ReclaimFrees() {
+  for (int round = 0; round < 2; ++round) {
+    if (!free_flipped_.empty()) {
+      if (!gate_.Drained(flipped_index_)) {
+        if (!flipped_counted_) counters_.deferred_frees.fetch_add(free_flipped_.size(), std::memory_order_relaxed);
+        flipped_counted_ = true;
+        return Status::Ok();
+      }
+      COWTAP_RETURN_IF_ERROR(ApplyFrees(&free_flipped_));
+    }
+    if (free_waiting_.empty()) return Status::Ok();
+    flipped_index_ = gate_.Flip();
+    flipped_counted_ = false;
+    free_flipped_.swap(free_waiting_);
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::ApplyFrees(std::vector<uint64_t>* host_clusters) {
   std::sort(host_clusters->begin(), host_clusters->end());
-  for (uint64_t c : *host_clusters) {
+  std::vector<uint64_t> todo;
+  todo.swap(*host_clusters);
+  for (uint64_t c : todo) {
     COWTAP_RETURN_IF_ERROR(refcounts_->Add(c, -1));
     COWTAP_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
     if (rc == 0) file_->PunchHole(c * cluster_size_, cluster_size_).IgnoreError();
   }
-  host_clusters->clear();
   return Status::Ok();
 }
 
 Status Qcow2Image::FlushLocked() {
   if (info_.read_only || !refcounts_) return Status::Ok();
+  COWTAP_RETURN_IF_ERROR(ReclaimFrees());
   // Dependency order: refcount blocks, flush, L2 slices, flush.
   COWTAP_RETURN_IF_ERROR(SatisfyRefcountDependency());
   COWTAP_RETURN_IF_ERROR(refcounts_->FlushDirty());
@@ -288,7 +319,16 @@ Status Qcow2Image::Flush() {
 Status Qcow2Image::Close() {
   std::lock_guard lock(mu_);
   if (closed_) return Status::Ok();
-  Status s = FlushLocked();
+  Status s = Status::Ok();
+  if (refcounts_) {
+    // No I/O runs any more (REQUIRES of Close): every deferred free is safe.
+    s = ReclaimFrees();
+    if (s.ok()) s = ReclaimFrees();
+    if (s.ok() && !(free_waiting_.empty() && free_flipped_.empty()))
+      spdlog::warn("{}: closed while I/O was in flight; {} clusters left leaked", path_,
+                   free_waiting_.size() + free_flipped_.size());
+  }
+  if (s.ok()) s = FlushLocked();
   if (s.ok() && dirty_set_by_us_) {
     // Lazy refcounts: every refcount is now on disk, so the image is clean.
     uint64_t f = h_.incompatible_features & ~kQcow2IncompatDirty;

@@ -13,13 +13,40 @@
 // refcount decrement; a new L2 table is written and flushed before the L1
 // entry pointing to it. Guest data is durable only after Flush().
 //
-// Thread-safety: every public method takes mu_ (one lock per image). The
-// lookup (LookupCluster) and the allocating slow path are separate functions
-// so that a lock-free remap-cache fast path can be put in front later.
+// Concurrency (qcow2_async.cc): guest reads and writes are asynchronous.
+//   * Fast path: a request whose clusters all hit the remap cache (reads: any
+//     readable remap; writes: in-place writable) goes to the data file as one
+//     scatter-gather I/O per contiguous host extent without taking mu_.
+//   * Slow path: mu_ is held only to resolve clusters (LookupCluster), fill
+//     the remap cache and reserve clusters for allocating writes; data I/O
+//     (including the merged copy-on-write head/tail of an allocation) runs
+//     after mu_ is released. A reserved allocation is recorded in inflight_
+//     until its data is written and its L2 entries are linked; writes to a
+//     cluster in flight wait for it (no double allocation), discard and
+//     write-zeroes wait for in-flight allocations in their range.
+//   * Links are batched: completed allocation writes queue up and whichever
+//     completion takes mu_ links them all (one round). A write completes only
+//     after its link is in the L2 cache, so Flush() (refcounts, flush, L2
+//     slices, flush) covers it; data of an allocation is written before its
+//     L2 entry can reach the disk.
+//   * Frees are deferred behind an epoch gate: every I/O that uses host
+//     offsets outside mu_ holds an epoch from before its lookup until its
+//     completion; a freed cluster's remap entry is invalidated, the epoch
+//     flipped, and the refcount is decremented only once the older epoch
+//     drained, so no cluster is reused while I/O to it may be in flight.
+//   * Completions are never called with mu_ held; file I/O is never submitted
+//     with mu_ held (a file may complete inline).
+//
+// Thread-safety: every public method is thread-safe. mu_ guards the
+// metadata; remap_mu_ (a leaf lock) guards the remap cache.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
+#include <list>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,6 +60,35 @@
 
 namespace cowtap::cow {
 
+// An epoch gate in the style of SRCU: readers Enter() before looking up a
+// host offset and Exit() when their I/O completed; the owner flips the epoch
+// and later asks whether every reader of the older epoch has left.
+// Thread-safety: Enter/Exit from any thread without locks; Flip and Drained
+// serialized by the owner, and Flip only once the previous flip drained.
+class Qcow2EpochGate {
+ public:
+  // Returns the index to pass to Exit.
+  int Enter() {
+    while (true) {
+      const uint64_t e = epoch_.load();
+      const int i = static_cast<int>(e & 1);
+      active_[i].fetch_add(1);
+      if (epoch_.load() == e) return i;
+      active_[i].fetch_sub(1);  // a flip raced us: join the new epoch
+    }
+  }
+  void Exit(int index) { active_[index].fetch_sub(1); }
+  // Starts a new epoch; returns the index of the old one.
+  int Flip() { return static_cast<int>(epoch_.fetch_add(1) & 1); }
+  // True once every reader that entered the epoch `index` before the flip
+  // has left.
+  bool Drained(int index) const { return active_[index].load() == 0; }
+
+ private:
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int64_t> active_[2] = {0, 0};
+};
+
 class Qcow2Image final : public Image {
  public:
   static Result<std::unique_ptr<Qcow2Image>> Open(std::unique_ptr<File> file, const std::string& path,
@@ -42,6 +98,9 @@ class Qcow2Image final : public Image {
   const ImageInfo& info() const override { return info_; }
   Status Read(uint64_t offset, IoVecs iov) override;
   Status Write(uint64_t offset, IoVecs iov) override;
+  void SubmitRead(uint64_t offset, IoVecs iov, ImageCompletion done) override;
+  void SubmitWrite(uint64_t offset, IoVecs iov, ImageCompletion done) override;
+  ImageIoStats io_stats() const override;
   Status WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t length) override;
   Status Flush() override;
@@ -49,10 +108,7 @@ class Qcow2Image final : public Image {
   Status Close() override;
   std::shared_ptr<Image> backing() const override { return backing_; }
   RemapCache* remap_cache() override { return remap_.get(); }
-  std::optional<Remap> LookupRemap(uint64_t virtual_cluster) override {
-    std::lock_guard lock(mu_);
-    return remap_ ? remap_->Lookup(virtual_cluster) : std::nullopt;
-  }
+  std::optional<Remap> LookupRemap(uint64_t virtual_cluster) override { return RemapLookup(virtual_cluster); }
 
   // For tests and tools: the parsed header and the refcount structure (null
   // when opened read-only).
@@ -72,6 +128,19 @@ class Qcow2Image final : public Image {
     Qcow2ClusterType type = Qcow2ClusterType::kUnallocated;
   };
 
+  struct AsyncOp;
+  struct PendingAlloc;
+  // One piece of a planned read or write: host bytes of data_, guest bytes
+  // of the backing chain, or zeros; pos is the offset in the request.
+  struct Piece {
+    enum Kind : uint8_t { kHost, kBacking, kZero } kind = kHost;
+    uint64_t at = 0;
+    uint64_t pos = 0;
+    uint64_t length = 0;
+  };
+  // Appends p, merging it into the last piece when both are contiguous.
+  static void AddPiece(std::vector<Piece>* plan, const Piece& p);
+
   Qcow2Image() = default;
   Status Closed() const { return Status::Cancelled(path_ + ": image is closed"); }
   Status CheckRange(uint64_t offset, uint64_t length) const;
@@ -85,6 +154,9 @@ class Qcow2Image final : public Image {
   Result<ClusterRef> LookupClusterForWrite(uint64_t vcluster);
   Status SetL2Entry(const ClusterRef& ref, uint64_t raw, uint64_t bitmap);
   Status ReadLocked(uint64_t offset, IoVecs iov);
+  // Publishes what LookupCluster found for vc in the remap cache (whole-
+  // cluster states only). REQUIRES: mu_.
+  void PublishRemap(const ClusterRef& ref);
   Status ReadCluster(const ClusterRef& ref, uint64_t in_offset, IoVecs iov);
   Status ReadBacking(uint64_t offset, IoVecs iov);
   Status ReadHost(uint64_t host_offset, IoVecs iov, const ClusterRef& ref);
@@ -96,6 +168,53 @@ class Qcow2Image final : public Image {
   Status WriteExtended(uint64_t offset, IoVecs iov);
   Status ZeroLocked(uint64_t offset, uint64_t length, bool unmap, bool discard);
   Status MapLayer(uint64_t offset, uint64_t length, std::vector<Extent>* out);
+
+  // --- asynchronous I/O (qcow2_async.cc) ---
+  // Plans a request from the remap cache alone; false on any miss (or, for
+  // writes, any cluster that is not in-place writable).
+  bool PlanFromRemap(uint64_t offset, uint64_t length, bool write, std::vector<Piece>* plan);
+  // REQUIRES: mu_. Resolves a read; compressed and subcluster pieces are
+  // read synchronously into iov.
+  Status PlanReadLocked(uint64_t offset, IoVecs iov, std::vector<Piece>* plan);
+  void StartSlowRead(const std::shared_ptr<AsyncOp>& op);
+  void StartSlowWrite(const std::shared_ptr<AsyncOp>& op);
+  // REQUIRES: mu_. Plans a write: in-place pieces and reserved allocations.
+  Status PlanWriteLocked(const std::shared_ptr<AsyncOp>& op, std::vector<Piece>* plan,
+                         std::vector<std::shared_ptr<PendingAlloc>>* allocs);
+  // REQUIRES: mu_. Reserves 1..k clusters from the cluster of guest offset
+  // g for a prefix of data (copy-up head/tail read now), appends the
+  // reservation to allocs and registers it in inflight_; returns the bytes
+  // of data it covers.
+  Result<uint64_t> ReserveRun(const std::shared_ptr<AsyncOp>& op, uint64_t g, IoVecs data, uint64_t k,
+                              std::vector<std::shared_ptr<PendingAlloc>>* allocs);
+  // REQUIRES: mu_. Undoes a reservation that will not be linked (its
+  // clusters are free again) and drops it from inflight_.
+  void GiveBack(PendingAlloc& a);
+  void DropInflight(PendingAlloc& a);
+  Status LinkAlloc(PendingAlloc& a);
+  void OnAllocWritten(const std::shared_ptr<PendingAlloc>& a, Status status);
+  // Links every queued allocation in one round under mu_.
+  void LinkQueued();
+  // Submits the planned pieces of op (no locks held).
+  void RunPlan(const std::shared_ptr<AsyncOp>& op, const std::vector<Piece>& plan, bool write);
+  // REQUIRES: mu_ held by lock. Waits until no allocation is in flight on
+  // guest bytes [offset, offset + length).
+  void WaitForAllocations(std::unique_lock<std::mutex>& lock, uint64_t offset, uint64_t length);
+  // REQUIRES: mu_. Applies deferred frees whose epoch drained; flips the
+  // epoch for newer ones. Never blocks.
+  Status ReclaimFrees();
+  Status ApplyFrees(std::vector<uint64_t>* host_clusters);
+
+  std::optional<Remap> RemapLookup(uint64_t vcluster) {
+    if (!remap_) return std::nullopt;
+    std::lock_guard lock(remap_mu_);
+    return remap_->Lookup(vcluster);
+  }
+  void RemapInsert(uint64_t vcluster, const Remap& remap) {
+    if (!remap_) return;
+    std::lock_guard lock(remap_mu_);
+    remap_->Insert(vcluster, remap);
+  }
 
   // --- metadata (qcow2_image.cc) ---
   // Allocates 1..max_count contiguous clusters: (byte offset, count).
@@ -109,10 +228,37 @@ class Qcow2Image final : public Image {
   Status RebuildRefcounts();
   bool IsFresh(uint64_t host_offset) const { return host_offset >= high_water_; }
   void InvalidateRemap(uint64_t vcluster) {
-    if (remap_) remap_->Invalidate(vcluster);
+    if (!remap_) return;
+    std::lock_guard lock(remap_mu_);
+    remap_->Invalidate(vcluster);
+  }
+  void InvalidateRemapRange(uint64_t first, uint64_t count) {
+    if (!remap_) return;
+    std::lock_guard lock(remap_mu_);
+    remap_->InvalidateRange(first, count);
   }
 
   std::mutex mu_;
+  std::mutex remap_mu_;  // leaf lock: taken under mu_ or alone
+  Qcow2EpochGate gate_;
+  // Allocations reserved and not yet linked or given back, by vcluster.
+  std::unordered_map<uint64_t, std::shared_ptr<PendingAlloc>> inflight_;  // GUARDED_BY(mu_)
+  std::condition_variable inflight_cv_;  // an allocation left inflight_
+  std::mutex link_mu_;
+  std::vector<std::shared_ptr<PendingAlloc>> link_queue_;  // GUARDED_BY(link_mu_)
+  // Unlinked clusters waiting for the epoch flip, and those waiting for the
+  // flipped epoch (flipped_index_) to drain. GUARDED_BY(mu_).
+  std::vector<uint64_t> free_waiting_;
+  std::vector<uint64_t> free_flipped_;
+  int flipped_index_ = 0;
+  bool flipped_counted_ = false;
+  // Set once the first write prepared the header and while no corruption was
+  // found: fast-path writes need no engine checks.
+  std::atomic<bool> fast_writes_ok_{false};
+  struct Counters {
+    std::atomic<uint64_t> fast_reads{0}, fast_writes{0}, slow_reads{0}, slow_writes{0}, allocations{0},
+        allocating_writes{0}, link_rounds{0}, links{0}, alloc_waits{0}, deferred_frees{0};
+  } counters_;
   std::string path_;
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_owned_;
@@ -134,7 +280,7 @@ class Qcow2Image final : public Image {
   bool refcount_flush_pending_ = false;
   bool first_write_done_ = false;
   bool dirty_set_by_us_ = false;
-  bool closed_ = true;  // until Open() completes: a half-opened image is never flushed
+  std::atomic<bool> closed_{true};  // until Open() completes: a half-opened image is never flushed
   std::string read_only_reason_;
   // The last decompressed cluster (compressed clusters are read whole).
   uint64_t decompressed_raw_ = 0;

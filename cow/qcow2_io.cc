@@ -133,18 +133,12 @@ Result<Qcow2Image::ClusterRef> Qcow2Image::LookupClusterForWrite(uint64_t vclust
   COWTAP_RETURN_IF_ERROR(file_->Flush());
   l1_[l1i] = off | kQcow2Copied;
   COWTAP_RETURN_IF_ERROR(WriteL1Entry(l1i));
-  if (remap_) remap_->InvalidateRange(l1i * h_.l2_entries(), h_.l2_entries());
+  InvalidateRemapRange(l1i * h_.l2_entries(), h_.l2_entries());
   if (old != 0) {
     std::vector<uint64_t> free_list{old / cluster_size_};
     COWTAP_RETURN_IF_ERROR(FreeClusters(&free_list));
   }
   return LookupCluster(vcluster);
-}
-
-Status Qcow2Image::Read(uint64_t offset, IoVecs iov) {
-  std::lock_guard lock(mu_);
-  COWTAP_RETURN_IF_ERROR(CheckRange(offset, TotalLength(iov)));
-  return ReadLocked(offset, iov);
 }
 
 Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
@@ -158,7 +152,7 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
     std::vector<iovec> sub = Slice(iov, pos, n);
     pos += n;
     if (remap_) {
-      if (auto m = remap_->Lookup(vc)) {
+      if (auto m = RemapLookup(vc)) {
         if (m->flags & Remap::kZero) {
           ZeroIoVecs(sub, 0, n);
         } else if (m->flags & Remap::kBacking) {
@@ -175,34 +169,39 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
     } else {
       COWTAP_RETURN_IF_ERROR(ReadCluster(ref, in, sub));
     }
-    if (!remap_) continue;
-    // Publish whole-cluster states only.
-    const bool ext = h_.extended_l2();
-    const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
-    if (ref.type == Qcow2ClusterType::kZeroPlain || ref.type == Qcow2ClusterType::kZeroAlloc) {
-      if (!ext || zero == 0xffffffffu) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
-    } else if (ref.type == Qcow2ClusterType::kUnallocated &&
-               (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
-      if (!ext || zero == 0) remap_->Insert(vc, Remap{0, 0, Remap::kZero});
-    } else if (ref.type == Qcow2ClusterType::kUnallocated && !ext &&
-               (vc + 1) * cluster_size_ <= backing_->size_bytes()) {
-      // Resolved through the chain: a raw backing file maps 1:1; a backing
-      // image with its own remap cache (same cluster size) says where.
-      if (backing_->info().format == ImageFormat::kRaw) {
-        remap_->Insert(vc, Remap{vc * cluster_size_, 1, Remap::kBacking});
-      } else if (backing_->info().cluster_size == cluster_size_) {
-        // Under the backing layer's own lock: a base may serve many overlays.
-        if (auto m = backing_->LookupRemap(vc); m && m->layer < 0xfffe) {
-          uint8_t flags = (m->flags & Remap::kZero) ? Remap::kZero : Remap::kBacking;
-          remap_->Insert(vc, Remap{m->host_offset, static_cast<uint16_t>(m->layer + 1), flags});
-        }
-      }
-    } else if (ref.type == Qcow2ClusterType::kNormal && data_ == file_.get() && (!ext || alloc == 0xffffffffu)) {
-      uint8_t flags = (ref.entry.raw & kQcow2Copied) ? Remap::kWritable : 0;
-      remap_->Insert(vc, Remap{ref.entry.raw & kQcow2OffsetMask, 0, flags});
-    }
+    PublishRemap(ref);
   }
   return run.Flush();
+}
+
+void Qcow2Image::PublishRemap(const ClusterRef& ref) {
+  if (!remap_) return;
+  const uint64_t vc = ref.vcluster;
+  // Publish whole-cluster states only.
+  const bool ext = h_.extended_l2();
+  const uint32_t alloc = Qcow2SubAllocMask(ref.entry.bitmap), zero = Qcow2SubZeroMask(ref.entry.bitmap);
+  if (ref.type == Qcow2ClusterType::kZeroPlain || ref.type == Qcow2ClusterType::kZeroAlloc) {
+    if (!ext || zero == 0xffffffffu) RemapInsert(vc, Remap{0, 0, Remap::kZero});
+  } else if (ref.type == Qcow2ClusterType::kUnallocated &&
+             (!backing_ || vc * cluster_size_ >= backing_->size_bytes())) {
+    if (!ext || zero == 0) RemapInsert(vc, Remap{0, 0, Remap::kZero});
+  } else if (ref.type == Qcow2ClusterType::kUnallocated && !ext &&
+             (vc + 1) * cluster_size_ <= backing_->size_bytes()) {
+    // Resolved through the chain: a raw backing file maps 1:1; a backing
+    // image with its own remap cache (same cluster size) says where.
+    if (backing_->info().format == ImageFormat::kRaw) {
+      RemapInsert(vc, Remap{vc * cluster_size_, 1, Remap::kBacking});
+    } else if (backing_->info().cluster_size == cluster_size_) {
+      // Under the backing layer's own lock: a base may serve many overlays.
+      if (auto m = backing_->LookupRemap(vc); m && m->layer < 0xfffe) {
+        uint8_t flags = (m->flags & Remap::kZero) ? Remap::kZero : Remap::kBacking;
+        RemapInsert(vc, Remap{m->host_offset, static_cast<uint16_t>(m->layer + 1), flags});
+      }
+    }
+  } else if (ref.type == Qcow2ClusterType::kNormal && data_ == file_.get() && (!ext || alloc == 0xffffffffu)) {
+    uint8_t flags = (ref.entry.raw & kQcow2Copied) ? Remap::kWritable : 0;
+    RemapInsert(vc, Remap{ref.entry.raw & kQcow2OffsetMask, 0, flags});
+  }
 }
 
 Status Qcow2Image::ReadBacking(uint64_t offset, IoVecs iov) {
@@ -278,15 +277,6 @@ Status Qcow2Image::ReadCluster(const ClusterRef& ref, uint64_t in, IoVecs iov) {
   return Status::Ok();
 }
 
-Status Qcow2Image::Write(uint64_t offset, IoVecs iov) {
-  std::lock_guard lock(mu_);
-  COWTAP_RETURN_IF_ERROR(CheckRange(offset, TotalLength(iov)));
-  COWTAP_RETURN_IF_ERROR(CheckWritable());
-  Status s = h_.extended_l2() ? WriteExtended(offset, iov) : WriteLocked(offset, iov);
-  if (s.code() == ErrorCode::kCorrupt) return MarkBroken(s);
-  return s;
-}
-
 Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
   const uint64_t total = TotalLength(iov);
   const bool data_file = data_ != file_.get();
@@ -300,9 +290,7 @@ Status Qcow2Image::WriteLocked(uint64_t offset, IoVecs iov) {
     const uint64_t vc = g / cluster_size_, in = g % cluster_size_;
     uint64_t n = std::min(cluster_size_ - in, total - pos);
     std::optional<uint64_t> host;
-    if (remap_) {
-      if (auto m = remap_->Lookup(vc); m && (m->flags & Remap::kWritable)) host = m->host_offset;
-    }
+    if (auto m = RemapLookup(vc); m && (m->flags & Remap::kWritable)) host = m->host_offset;
     if (!host) {
       COWTAP_ASSIGN_OR_RETURN(ClusterRef ref, LookupCluster(vc));
       if (in_place(ref)) host = ref.entry.raw & kQcow2OffsetMask;

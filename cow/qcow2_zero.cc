@@ -27,18 +27,22 @@ std::vector<uint64_t> HostClustersOf(const Qcow2Header& h, uint64_t raw, Qcow2Cl
 }  // namespace
 
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   COWTAP_RETURN_IF_ERROR(CheckRange(offset, length));
   COWTAP_RETURN_IF_ERROR(CheckWritable());
+  // Allocations in flight in the range link first (their clusters are not
+  // in the L2 tables yet, and must not be allocated twice).
+  WaitForAllocations(lock, offset, length);
   Status s = ZeroLocked(offset, length, may_unmap, /*discard=*/false);
   if (s.code() == ErrorCode::kCorrupt) return MarkBroken(s);
   return s;
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   COWTAP_RETURN_IF_ERROR(CheckRange(offset, length));
   COWTAP_RETURN_IF_ERROR(CheckWritable());
+  WaitForAllocations(lock, offset, length);
   if (h_.version < 3 && backing_)
     return Status::NotSupported(path_ +
                                 ": discard is not supported on a qcow2 version 2 image with a backing file "
