@@ -390,6 +390,50 @@ TEST_P(IoEngineTest, SubmittersWaitForRoomBeyondTheQueueDepth) {
   EXPECT_GT(st.space_waits, 0u);
 }
 
+TEST_P(IoEngineTest, PluggedSubmitterBeyondTheQueueDepthStartsItsOwnOpsInsteadOfDeadlocking) {
+  IoEngineOptions o;
+  o.kind = GetParam();
+  o.queue_depth = 4;
+  auto e = IoEngine::Create(o);
+  ASSERT_TRUE(e.ok());
+  auto f = Open("plugfull");
+  std::vector<char> data(4096, 'f');
+  iovec v = MakeIoVec(data.data(), data.size());
+  Waiter w;
+  PlugThisThread();
+  for (int i = 0; i < 50; ++i) (*e)->Submit(IoOp::kWritev, Target(*f), i * 4096, {&v, 1}, w.Callback());
+  UnplugThisThread();
+  for (const Status& s : w.Wait(50)) EXPECT_TRUE(s.ok());
+  EXPECT_GT((*e)->stats().space_waits, 0u);
+}
+
+TEST_P(IoEngineTest, CompletionMaySubmitMoreThanTheSubmissionQueueHolds) {
+  IoEngineOptions o;
+  o.kind = GetParam();
+  o.queue_depth = 4;
+  auto e = IoEngine::Create(o);
+  ASSERT_TRUE(e.ok());
+  IoEngine* engine = e->get();
+  auto f = Open("fanout");
+  std::vector<char> data(32 * 4096, 'o');
+  ASSERT_EQ(::pwrite(f->fd, data.data(), data.size(), 0), static_cast<ssize_t>(data.size()));
+  std::vector<std::vector<char>> bufs(32, std::vector<char>(4096));
+  std::vector<iovec> iovs(32);
+  Waiter w;
+  char c;
+  iovec first = MakeIoVec(&c, 1);
+  engine->Submit(IoOp::kReadv, Target(*f), 0, {&first, 1}, [&](Status s) {
+    EXPECT_TRUE(s.ok());
+    for (int i = 0; i < 32; ++i) {  // 32 > the 4 entries of the queue
+      iovs[i] = MakeIoVec(bufs[i].data(), 4096);
+      engine->Submit(IoOp::kReadv, Target(*f), i * 4096, {&iovs[i], 1}, w.Callback());
+    }
+  });
+  for (const Status& s : w.Wait(32)) EXPECT_TRUE(s.ok());
+  for (auto& b : bufs) EXPECT_EQ(b, std::vector<char>(4096, 'o'));
+  EXPECT_GT(engine->stats().max_in_flight, 4u);  // the completion side does not wait for room
+}
+
 TEST_P(IoEngineTest, RegisteredFilesCarryIo) {
   auto f = Open("fixed");
   int slot = engine_->RegisterFile(f->fd);
