@@ -21,10 +21,11 @@
 // ("max_displacement", reset to 0 when displaced drops to 0). A lookup
 // examines buckets home .. home + max_displacement and stops at a hit: a miss
 // on a home with nothing displaced reads one cache line. Probe length is
-// counted in buckets. Measured on a full cache, random keys (see the unit test
-// MeanProbeLengthAtDefaultLoadIsUnderOneAndAHalf and the benchmark), hit/miss
-// buckets: load 0.5: ~1.09/1.10, 0.7: ~1.29/1.43, 0.75: ~1.39/1.63, 0.9: ~2.4.
-// Hence the default max load factor 0.7: 30.5 bytes per entry.
+// counted in buckets. Measured on full caches of runs of clusters at random
+// places (the unit test MeanProbeLengthAtDefaultLoadIsUnderOneAndAHalf and the
+// benchmark), buckets per hit / per miss: load 0.5: 1.09/1.10, 0.7: 1.28/1.43,
+// 0.75: 1.38/1.61, 0.9: 1.83/2.64. Hence the default max load factor 0.7, at
+// 30.5 bytes per entry (64 / 3 / 0.7).
 //
 // Concurrency: a seqlock per bucket, written without standalone fences (which
 // ThreadSanitizer cannot model). A writer (holding mu_, so writers never race
@@ -55,6 +56,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
 
 namespace cowtap::cow {
 
@@ -88,6 +90,8 @@ constexpr double kMaxBuckets = 2147483648.0;
 // Buckets examined for an eviction victim from an inserted key's home.
 constexpr uint64_t kEvictWindowBuckets = 4;
 constexpr uint32_t kCounterShards = 16;
+// Busy-waits on a bucket a writer holds before yielding the CPU instead.
+constexpr uint32_t kSpinsBeforeYield = 64;
 
 // A 64-bit multiply-xorshift finalizer (the constants of MurmurHash3's fmix64):
 // every input bit affects every output bit.
@@ -166,10 +170,16 @@ std::optional<Remap> RemapCache::Lookup(uint64_t virtual_cluster) {
     int slot;
     Remap remap;
     uint8_t max_displacement;
-    for (;;) {
+    for (uint32_t spins = 0;; ++spins) {
       const uint32_t before = bucket.seq.load(std::memory_order_acquire);
       if (before & 1) {
-        CpuRelax();
+        // A writer is inside this bucket: a few stores, unless it was
+        // preempted there, in which case give it the CPU.
+        if (spins < kSpinsBeforeYield) {
+          CpuRelax();
+        } else {
+          std::this_thread::yield();
+        }
         continue;
       }
       slot = -1;
