@@ -12,9 +12,8 @@
 namespace cowtap::cow {
 namespace {
 
-constexpr std::array<ImagePermission, 4> kPermissions = {
-    ImagePermission::kConsistentRead, ImagePermission::kWrite, ImagePermission::kWriteUnchanged,
-    ImagePermission::kResize};
+constexpr std::array<ImagePermission, 4> kPermissions = {ImagePermission::kConsistentRead, ImagePermission::kWrite,
+                                                         ImagePermission::kWriteUnchanged, ImagePermission::kResize};
 // Bytes of the convention that may be held: the four permissions above and
 // graph change (4), which older QEMU took.
 constexpr uint64_t kPermissionSlots = 5;
@@ -25,8 +24,9 @@ Status LockError(int err, const std::string& path, const char* what, uint64_t by
   std::string where = std::string(what) + " on " + path + " (byte " + std::to_string(byte) + ")";
   if (err == EINVAL || err == ENOLCK || err == EOPNOTSUPP)
     return Status(ErrorCode::kNotSupported,
-                  where + ": the file system does not support open-file-description locks; "
-                          "open the image without locking",
+                  where +
+                      ": the file system does not support open-file-description locks; "
+                      "open the image without locking",
                   err);
   return Status::FromErrno(err, where);
 }
@@ -59,10 +59,10 @@ Result<bool> HeldByOther(int fd, const std::string& path, uint64_t byte) {
 }
 
 Status Busy(const std::string& path, ImagePermission p, bool we_want_it) {
-  std::string why = we_want_it ? std::string("another opener does not share the \"") + ImagePermissionName(p) +
-                                     "\" permission cowtap needs"
-                               : std::string("another opener holds the \"") + ImagePermissionName(p) +
-                                     "\" permission cowtap does not share";
+  std::string why =
+      we_want_it
+          ? std::string("another opener does not share the \"") + ImagePermissionName(p) + "\" permission cowtap needs"
+          : std::string("another opener holds the \"") + ImagePermissionName(p) + "\" permission cowtap does not share";
   return Status::Busy("image " + path + " is in use by another process (cowtapd or QEMU): " + why +
                       "; stop the other user first (a base shared by several guests must be opened read-only "
                       "by all of them)");

@@ -52,8 +52,8 @@ namespace {
 
 constexpr int kMaxIovPerSyscall = 1024;  // IOV_MAX / UIO_MAXIOV
 constexpr uint32_t kMaxRetries = 64;
-constexpr uint64_t kStopToken = 0;       // user_data of the completion thread's wake-up NOP
-constexpr uint64_t kDirectBlock = 512;   // smallest O_DIRECT granule
+constexpr uint64_t kStopToken = 0;      // user_data of the completion thread's wake-up NOP
+constexpr uint64_t kDirectBlock = 512;  // smallest O_DIRECT granule
 
 std::mutex g_live_mu;
 std::vector<IoEngine*>& LiveEngines() {
@@ -422,7 +422,7 @@ class ThreadEngine final : public IoEngine {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Op*> queue_;   // ready for a worker
+  std::deque<Op*> queue_;    // ready for a worker
   std::vector<Op*> staged_;  // held back by a plugged submitter
   bool stop_ = false;
   std::vector<std::thread> workers_;
@@ -634,9 +634,8 @@ IoEngineKind KindFromEnvironment(IoEngineKind asked) {
   if (v == "threads") return IoEngineKind::kThreads;
   if (v == "uring" || v == "io_uring" || v == "auto") return asked;
   static std::once_flag warned;
-  std::call_once(warned, [&] {
-    spdlog::warn("COWTAP_IO_ENGINE={} is not one of auto, uring, threads; using auto", v);
-  });
+  std::call_once(warned,
+                 [&] { spdlog::warn("COWTAP_IO_ENGINE={} is not one of auto, uring, threads; using auto", v); });
   return asked;
 }
 
@@ -667,7 +666,7 @@ Result<std::unique_ptr<IoEngine>> IoEngine::Create(const IoEngineOptions& option
 }
 
 IoEngine* DefaultIoEngine() {
-  static IoEngine* engine = [] () -> IoEngine* {
+  static IoEngine* engine = []() -> IoEngine* {
     auto e = IoEngine::Create();
     if (!e.ok()) {
       spdlog::error("no asynchronous I/O engine ({}); file I/O runs synchronously", e.status().ToString());

@@ -129,7 +129,10 @@ class IoEngine {
   // Enters fd in the registered-file table so ops skip the per-op file
   // lookup. Returns the slot, or -1 if the engine has none free (or is the
   // threads mode); -1 is a valid "not registered" IoTarget::fixed_slot.
-  virtual int RegisterFile(int fd) { (void)fd; return -1; }
+  virtual int RegisterFile(int fd) {
+    (void)fd;
+    return -1;
+  }
   // REQUIRES: no op on the slot is in flight.
   virtual void UnregisterFile(int slot) { (void)slot; }
 

@@ -179,8 +179,8 @@ int Main(int argc, char** argv) {
   if (::posix_memalign(&raw, kBlock, kBlock * cfg.qd) != 0) return 1;
   char* buffers = static_cast<char*>(raw);
   std::printf("4 KiB random reads, QD%d, %s, %lu MiB file %s, %.1f s per row\n", cfg.qd,
-              cfg.direct ? "O_DIRECT" : "buffered", static_cast<unsigned long>(cfg.size_bytes >> 20),
-              cfg.file.c_str(), cfg.seconds);
+              cfg.direct ? "O_DIRECT" : "buffered", static_cast<unsigned long>(cfg.size_bytes >> 20), cfg.file.c_str(),
+              cfg.seconds);
 
   {
     IoEngineOptions uo;

@@ -614,8 +614,7 @@ TEST_P(IoEngineTest, PosixFileDestructionWaitsForItsOps) {
   std::vector<char> data(512 * 1024, 'c');
   iovec v = MakeIoVec(data.data(), data.size());
   std::atomic<int> ok{0};
-  for (int i = 0; i < 32; ++i)
-    file->SubmitWritev(i * data.size(), {&v, 1}, [&](Status s) { ok += s.ok(); });
+  for (int i = 0; i < 32; ++i) file->SubmitWritev(i * data.size(), {&v, 1}, [&](Status s) { ok += s.ok(); });
   file.reset();  // must not close the descriptor under the writes
   engine_.reset();
   EXPECT_EQ(ok.load(), 32);

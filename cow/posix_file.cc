@@ -224,8 +224,7 @@ class PosixFile final : public File {
   IoTarget Target() { return IoTarget{fd_, slot_, direct_, &path_, &tracker_}; }
 
   bool Aligned(uint64_t offset, const void* p, size_t len) const {
-    return offset % align_.offset == 0 && reinterpret_cast<uintptr_t>(p) % align_.mem == 0 &&
-           len % align_.offset == 0;
+    return offset % align_.offset == 0 && reinterpret_cast<uintptr_t>(p) % align_.mem == 0 && len % align_.offset == 0;
   }
 
   // Whether the kernel takes iov at offset on the O_DIRECT descriptor as it is.
@@ -275,8 +274,7 @@ class PosixFile final : public File {
     COWTAP_RETURN_IF_ERROR(WriteAt(b.start, {b.p, b.len}));
     // Do not let block rounding grow the file past what was asked.
     uint64_t want_end = offset + data.size();
-    if (b.start + b.len > *size && b.start + b.len > want_end)
-      return Truncate(std::max<uint64_t>(*size, want_end));
+    if (b.start + b.len > *size && b.start + b.len > want_end) return Truncate(std::max<uint64_t>(*size, want_end));
     return Status::Ok();
   }
 
