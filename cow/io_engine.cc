@@ -164,6 +164,10 @@ void PlugThisThread() { ++t_plug.depth; }
 void UnplugThisThread() {
   if (t_plug.depth == 0) return;  // unbalanced: nothing is held back
   if (--t_plug.depth != 0) return;
+  FlushThisThread();
+}
+
+void FlushThisThread() {
   std::vector<IoEngine*> engines;
   engines.swap(t_plug.engines);
   for (IoEngine* e : engines) {
@@ -178,6 +182,8 @@ void UnplugThisThread() {
 }
 
 bool ThisThreadPlugged() { return t_plug.depth > 0; }
+
+bool OnIoEngineThread() { return t_engine_thread != nullptr; }
 
 // ----------------------------------------------------------- IoEngine (base)
 

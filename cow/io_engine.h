@@ -196,5 +196,12 @@ void PlugThisThread();
 void UnplugThisThread();
 // Whether the calling thread is plugged.
 bool ThisThreadPlugged();
+// Starts what the calling thread holds back while plugged, and stays
+// plugged: for a plugged thread about to wait for its own I/O (a
+// synchronous wrapper over Submit), which would otherwise wait forever.
+void FlushThisThread();
+// Whether the calling thread is one of any engine's own threads, where
+// waiting for I/O would deadlock (a synchronous wrapper can check this).
+bool OnIoEngineThread();
 
 }  // namespace cowtap::cow

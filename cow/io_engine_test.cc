@@ -222,6 +222,26 @@ TEST_P(IoEngineTest, PluggedSubmissionsStartTogetherAtTheOutermostUnplug) {
   EXPECT_EQ(after.submit_calls - before.submit_calls, 1u);
 }
 
+TEST_P(IoEngineTest, FlushThisThreadLetsAPluggedThreadWaitForItsOwnIo) {
+  auto f = Open("flush");
+  char c = 0;
+  iovec v = MakeIoVec(&c, 1);
+  Waiter w;
+  PlugThisThread();
+  engine_->Submit(IoOp::kReadv, Target(*f), 0, {&v, 1}, w.Callback());
+  EXPECT_FALSE(OnIoEngineThread());
+  FlushThisThread();
+  EXPECT_TRUE(ThisThreadPlugged());
+  EXPECT_TRUE(w.Wait(1)[0].ok());  // would wait forever without the flush
+  UnplugThisThread();
+  Waiter on_engine;
+  engine_->Submit(IoOp::kReadv, Target(*f), 0, {&v, 1}, [&](Status s) {
+    EXPECT_TRUE(OnIoEngineThread());
+    on_engine.Callback()(std::move(s));
+  });
+  EXPECT_TRUE(on_engine.Wait(1)[0].ok());
+}
+
 TEST_P(IoEngineTest, UnpluggedSubmissionsStartAtOnce) {
   auto f = Open("now");
   char c = 0;
