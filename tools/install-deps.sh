@@ -9,6 +9,7 @@ packages=(
   libxen-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev libbenchmark-dev
   liburing-dev zlib1g-dev libzstd-dev libcli11-dev nlohmann-json3-dev
   qemu-utils clang libclang-rt-14-dev
+  libsystemd-dev
 )
 
 missing=()

@@ -1,0 +1,421 @@
+#include "tools/daemon/daemon.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <cstring>
+
+#include "tools/daemon/locking_fs.h"
+#include "tools/daemon/toolstack.h"
+
+namespace cowtap::daemon {
+namespace {
+
+constexpr char kReleaseToken[] = "cowtapd-release";
+
+ToolstackDisk DiskOf(const std::string& type, xen::DomId domid, uint32_t devid) {
+  ToolstackDisk d;
+  d.domid = domid;
+  d.devid = devid;
+  d.backend_type = type;
+  return d;
+}
+
+Result<uint64_t> ParseNumber(std::string_view text, uint64_t max, std::string_view what) {
+  uint64_t v = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (text.empty() || ec != std::errc() || end != text.data() + text.size() || v > max) {
+    return Status::InvalidArgument(fmt::format("{} \"{}\" is not a number in 0..{}", what, text, max));
+  }
+  return v;
+}
+
+}  // namespace
+
+Result<std::pair<xen::DomId, uint32_t>> ParseVbdId(const std::string& id) {
+  const size_t slash = id.find('/');
+  if (slash == std::string::npos) {
+    return Status::InvalidArgument(fmt::format("VBD id \"{}\" is not <domid>/<devid> (e.g. 5/51712)", id));
+  }
+  COWTAP_ASSIGN_OR_RETURN(uint64_t domid, ParseNumber(std::string_view(id).substr(0, slash), 0x7fef, "domid"));
+  COWTAP_ASSIGN_OR_RETURN(uint64_t devid, ParseNumber(std::string_view(id).substr(slash + 1), UINT32_MAX, "devid"));
+  return std::pair<xen::DomId, uint32_t>(static_cast<xen::DomId>(domid), static_cast<uint32_t>(devid));
+}
+
+Result<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& options) {
+  if (options.backend_types.empty()) return Status::InvalidArgument("no --backend-type to serve");
+  for (const auto& t : options.backend_types) {
+    if (t.empty() || t.find('/') != std::string::npos) {
+      return Status::InvalidArgument(fmt::format("backend type \"{}\" is not a xenstore directory name", t));
+    }
+  }
+  std::unique_ptr<Daemon> d(new Daemon(options));
+  COWTAP_RETURN_IF_ERROR(d->Init());
+  return d;
+}
+
+Status Daemon::Init() {
+  if (options_.platform == "sim") {
+    if (options_.sim_socket.empty()) return Status::InvalidArgument("--platform sim needs --sim-socket PATH");
+    COWTAP_ASSIGN_OR_RETURN(sim_, xen::SimHypervisor::Start(options_.sim_socket));
+    platform_ = sim_->NewPlatform(xen::kDom0);
+  } else if (options_.platform == "xen") {
+    COWTAP_ASSIGN_OR_RETURN(platform_, xen::NewLibxenPlatform());
+  } else {
+    return Status::InvalidArgument(fmt::format("platform \"{}\" is neither sim nor xen", options_.platform));
+  }
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) return Status::FromErrno(errno, "eventfd");
+  COWTAP_ASSIGN_OR_RETURN(watch_store_, platform_->OpenXenStore());
+  COWTAP_ASSIGN_OR_RETURN(control_store_, platform_->OpenXenStore());
+  for (const auto& type : options_.backend_types) {
+    const std::string dir =
+        xen::XsJoin(xen::XsJoin("/local/domain/" + std::to_string(platform_->self_domid()), "backend"), type);
+    COWTAP_RETURN_IF_ERROR(watch_store_->Watch(dir, type).Annotate("watching " + dir));
+  }
+  COWTAP_RETURN_IF_ERROR(watch_store_->Watch("@releaseDomain", kReleaseToken));
+  Rescan();  // serve what the toolstack created before we started
+  watcher_ = std::thread([this] { WatchLoop(); });
+  spdlog::info("cowtapd serving backend type(s) {} on platform {}", fmt::join(options_.backend_types, ", "),
+               options_.platform);
+  return Status::Ok();
+}
+
+Daemon::~Daemon() {
+  Shutdown();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void Daemon::Wake() {
+  uint64_t one = 1;
+  if (::write(wake_fd_, &one, sizeof(one)) < 0) spdlog::error("cowtapd: cannot wake the watch thread");
+}
+
+void Daemon::Shutdown() {
+  {
+    std::lock_guard lock(mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (watcher_.joinable()) {
+    Wake();
+    watcher_.join();
+  }
+  std::vector<std::shared_ptr<ManagedVbd>> all;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, e] : vbds_) all.push_back(e.vbd);
+    vbds_.clear();
+    for (auto& v : stopping_) all.push_back(v);
+    stopping_.clear();
+  }
+  if (!all.empty()) spdlog::info("cowtapd: detaching {} VBD(s)", all.size());
+  // All at once: one slow device does not delay the others' release.
+  for (auto& v : all) v->RequestStop();
+  for (auto& v : all) v->Join();
+  all.clear();
+  watch_store_.reset();
+  control_store_.reset();
+  platform_.reset();
+  sim_.reset();
+}
+
+void Daemon::WatchLoop() {
+  while (true) {
+    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {watch_store_->fd(), POLLIN, 0}};
+    if (::poll(fds, 2, 1000) < 0 && errno != EINTR) {
+      spdlog::error("cowtapd: watch poll failed: {}", std::strerror(errno));
+      usleep(100000);
+    }
+    if (fds[0].revents) {
+      uint64_t v;
+      if (::read(wake_fd_, &v, sizeof(v)) < 0) {
+      }
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (shut_down_) return;
+    }
+    // Any event only means "look again": the directories are re-read.
+    while (true) {
+      auto ev = watch_store_->ReadWatch();
+      if (!ev.ok() || !ev->has_value()) break;
+    }
+    Rescan();
+    // Bursts of events (every state write of every VBD) coalesce here.
+    usleep(2000);
+  }
+}
+
+std::set<Daemon::Key> Daemon::ListDirectories() {
+  std::set<Key> present;
+  const std::string base = xen::XsJoin("/local/domain/" + std::to_string(platform_->self_domid()), "backend");
+  for (const auto& type : options_.backend_types) {
+    const std::string type_dir = xen::XsJoin(base, type);
+    auto domids = watch_store_->Directory(type_dir);
+    if (!domids.ok()) continue;  // kNotFound: nothing of this type yet
+    for (const auto& d : *domids) {
+      auto domid = ParseNumber(d, 0x7fef, "domid");
+      if (!domid.ok()) continue;
+      auto devids = watch_store_->Directory(xen::XsJoin(type_dir, d));
+      if (!devids.ok()) continue;
+      for (const auto& v : *devids) {
+        auto devid = ParseNumber(v, UINT32_MAX, "devid");
+        if (devid.ok()) present.insert(Key{type, static_cast<xen::DomId>(*domid), static_cast<uint32_t>(*devid)});
+      }
+    }
+  }
+  return present;
+}
+
+void Daemon::Rescan() {
+  const std::set<Key> present = ListDirectories();
+  // Decide outside the lock (reads of `online`), apply under it.
+  std::vector<std::pair<Key, std::shared_ptr<ManagedVbd>>> current;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, e] : vbds_) current.emplace_back(key, e.vbd);
+  }
+  std::vector<std::pair<Key, std::shared_ptr<ManagedVbd>>> ending;
+  for (auto& [key, vbd] : current) {
+    bool end = !present.count(key) || vbd->domain_gone();
+    if (!end && vbd->vbd_state() == backend::XenbusState::kClosed) {
+      auto online = watch_store_->Read(xen::XsJoin(vbd->config().backend_path, "online"));
+      end = online.ok() && *online == "0";
+    }
+    if (end) ending.emplace_back(key, vbd);
+  }
+  std::vector<ToolstackDisk> remove_dirs;
+  {
+    std::lock_guard lock(mu_);
+    if (shut_down_) return;
+    for (auto it = retired_.begin(); it != retired_.end();) {
+      it = present.count(*it) ? std::next(it) : retired_.erase(it);
+    }
+    for (auto& [key, vbd] : ending) {
+      auto it = vbds_.find(key);
+      if (it == vbds_.end() || it->second.vbd != vbd) continue;  // Detach got there first
+      if (present.count(key)) {
+        spdlog::info("[vbd {}] {}; detaching", key.id(),
+                     vbd->domain_gone() ? "frontend domain is gone" : "backend offline and closed");
+        retired_.insert(key);
+      } else {
+        spdlog::info("[vbd {}] toolstack removed the device; detaching", key.id());
+      }
+      vbd->RequestStop();
+      stopping_.push_back(vbd);
+      if (it->second.sim_owned && present.count(key)) {
+        // We played the toolstack: clean up as libxl does after a domain dies.
+        remove_dirs.push_back(DiskOf(key.type, key.domid, key.devid));
+      }
+      vbds_.erase(it);
+    }
+    for (const Key& key : present) {
+      if (!vbds_.count(key) && !retired_.count(key)) StartVbd(key, sim_owned_.count(key) > 0);
+    }
+    for (auto it = stopping_.begin(); it != stopping_.end();) {
+      if ((*it)->finished()) {
+        (*it)->Join();  // returns at once
+        it = stopping_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (!remove_dirs.empty()) {
+    // Only after the worker is done with the directory would be tidier, but
+    // a Vbd whose domain is gone writes nothing more there.
+    std::lock_guard lock(control_mu_);
+    for (const auto& d : remove_dirs) {
+      Status s = ToolstackRemoveDisk(*control_store_, d);
+      if (!s.ok()) spdlog::warn("[vbd {}/{}] {}", d.domid, d.devid, s.ToString());
+      std::lock_guard table(mu_);
+      sim_owned_.erase(Key{d.backend_type, d.domid, d.devid});
+    }
+  }
+}
+
+void Daemon::StartVbd(const Key& key, bool sim_owned) {
+  ManagedVbdConfig config;
+  config.id = key.id();
+  config.backend_path = xen::XsBackendDir(platform_->self_domid(), key.type, key.domid, key.devid);
+  config.vbd = options_.vbd;
+  config.vbd.frontend_domid = key.domid;
+  config.vbd.devid = key.devid;
+  config.vbd.backend_type = key.type;
+  config.open = options_.open;
+  if (config.open.fs == nullptr) config.open.fs = LockingFileSystem();
+  for (const auto& [other, e] : vbds_) {
+    if (other.domid == key.domid && other.devid == key.devid) {
+      spdlog::error("[vbd {}] also present under backend/{}; serving only the one under backend/{}", key.id(),
+                    key.type, other.type);
+      retired_.insert(key);
+      return;
+    }
+  }
+  spdlog::info("[vbd {}] new device under {}", key.id(), config.backend_path);
+  Entry e;
+  e.key = key;
+  e.sim_owned = sim_owned;
+  e.vbd = std::make_shared<ManagedVbd>(*platform_, std::move(config));
+  vbds_.emplace(key, std::move(e));
+}
+
+std::shared_ptr<ManagedVbd> Daemon::Find(const std::string& id) {
+  std::lock_guard lock(mu_);
+  for (auto& [key, e] : vbds_) {
+    if (key.id() == id) return e.vbd;
+  }
+  return nullptr;
+}
+
+size_t Daemon::vbd_count() {
+  std::lock_guard lock(mu_);
+  return vbds_.size();
+}
+
+std::vector<VbdStatsSnapshot> Daemon::List() {
+  std::vector<std::shared_ptr<ManagedVbd>> all;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, e] : vbds_) all.push_back(e.vbd);
+  }
+  std::vector<VbdStatsSnapshot> out;
+  out.reserve(all.size());
+  for (auto& v : all) out.push_back(v->Snapshot());
+  return out;
+}
+
+Result<VbdStatsSnapshot> Daemon::Stats(const std::string& id) {
+  COWTAP_RETURN_IF_ERROR(ParseVbdId(id).status());
+  auto v = Find(id);
+  if (!v) return Status::NotFound(fmt::format("no VBD {} (see `cowtap ctl list`)", id));
+  return v->Snapshot();
+}
+
+Status Daemon::Attach(const AttachSpec& spec) {
+  if (!sim_) {
+    return Status::NotSupported(
+        "attach on --platform xen is the toolstack's job: add the disk to the guest's config or use "
+        "`xl block-attach` (see docs/xl.md)");
+  }
+  if (spec.domid == 0 || spec.domid > 0x7fef) {
+    return Status::InvalidArgument(fmt::format("domid {} is not a guest domain (1..32751)", spec.domid));
+  }
+  if (spec.image.empty()) return Status::InvalidArgument("attach needs an image path");
+  if (!spec.format.empty() && !cow::ParseFormatName(spec.format)) {
+    return Status::InvalidArgument(fmt::format("format \"{}\" is not qcow2, qcow or raw", spec.format));
+  }
+  const Key key{options_.backend_types.front(), static_cast<xen::DomId>(spec.domid), spec.devid};
+  const std::string id = key.id();
+  {
+    std::lock_guard control(control_mu_);
+    {
+      std::lock_guard lock(mu_);
+      for (const auto& [k, e] : vbds_) {
+        if (k.domid == key.domid && k.devid == key.devid) {
+          return Status::Busy(fmt::format("VBD {} is already attached (detach it first)", id));
+        }
+      }
+      if (retired_.count(key)) {
+        return Status::Busy(fmt::format("VBD {} is still being released; retry in a moment", id));
+      }
+      sim_owned_.insert(key);
+    }
+    ToolstackDisk disk{key.domid, key.devid, key.type, spec.image, spec.format, spec.writable};
+    Status s = ToolstackWriteDisk(*control_store_, disk);
+    if (!s.ok()) {
+      std::lock_guard lock(mu_);
+      sim_owned_.erase(key);
+      return s;
+    }
+  }
+  Wake();
+  // The watch thread starts it; wait for the image to be opened.
+  std::shared_ptr<ManagedVbd> vbd;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!(vbd = Find(id)) && std::chrono::steady_clock::now() < deadline) usleep(2000);
+  if (!vbd) return Status::Internal(fmt::format("VBD {} was written to xenstore but did not start", id));
+  if (!vbd->WaitOpened(options_.attach_timeout)) {
+    return Status::Busy(fmt::format("VBD {} is still opening {} after {} s; see `cowtap ctl list`", id, spec.image,
+                                    options_.attach_timeout.count() / 1000));
+  }
+  if (vbd->phase() == ManagedVbd::Phase::kFailed) {
+    Status why = vbd->error();
+    // As libxl does when a hotplug fails: take the device away again.
+    std::lock_guard control(control_mu_);
+    ToolstackRemoveDisk(*control_store_, DiskOf(key.type, key.domid, key.devid)).IgnoreError();
+    Wake();
+    return why;
+  }
+  return Status::Ok();
+}
+
+Status Daemon::Detach(const std::string& id) {
+  COWTAP_RETURN_IF_ERROR(ParseVbdId(id).status());
+  Entry entry;
+  {
+    std::lock_guard lock(mu_);
+    auto it = vbds_.begin();
+    while (it != vbds_.end() && it->first.id() != id) ++it;
+    if (it == vbds_.end()) return Status::NotFound(fmt::format("no VBD {} (see `cowtap ctl list`)", id));
+    entry = it->second;
+    vbds_.erase(it);
+    retired_.insert(entry.key);  // not restarted while its directory stays
+  }
+  entry.vbd->RequestStop();
+  entry.vbd->Join();
+  if (entry.sim_owned) {
+    std::lock_guard control(control_mu_);
+    Status s = ToolstackRemoveDisk(*control_store_, DiskOf(entry.key.type, entry.key.domid, entry.key.devid));
+    std::lock_guard lock(mu_);
+    sim_owned_.erase(entry.key);
+    if (!s.ok()) return s;
+  }
+  Wake();
+  return Status::Ok();
+}
+
+Status Daemon::Pause(const std::string& id) {
+  COWTAP_RETURN_IF_ERROR(ParseVbdId(id).status());
+  auto v = Find(id);
+  if (!v) return Status::NotFound(fmt::format("no VBD {} (see `cowtap ctl list`)", id));
+  return v->Pause();
+}
+
+Status Daemon::Resume(const std::string& id) {
+  COWTAP_RETURN_IF_ERROR(ParseVbdId(id).status());
+  auto v = Find(id);
+  if (!v) return Status::NotFound(fmt::format("no VBD {} (see `cowtap ctl list`)", id));
+  return v->Resume();
+}
+
+Status Daemon::SetLogLevel(const std::string& level) {
+  static const char* const kLevels[] = {"trace", "debug", "info", "warn", "warning", "error", "err", "critical", "off"};
+  for (const char* l : kLevels) {
+    if (level == l) {
+      spdlog::set_level(spdlog::level::from_str(level == "warning" ? "warn" : level == "error" ? "err" : level));
+      spdlog::info("log level set to {}", level);
+      return Status::Ok();
+    }
+  }
+  return Status::InvalidArgument(
+      fmt::format("log level \"{}\" is not one of trace, debug, info, warn, error, critical, off", level));
+}
+
+Result<std::string> Daemon::Export(const std::string& what, const std::string& address, bool read_only) {
+  (void)what;
+  (void)address;
+  (void)read_only;
+  return Status::NotSupported("NBD export is not available in this build of cowtapd yet");
+}
+
+Status Daemon::Unexport(const std::string& address) {
+  return Status::NotFound(fmt::format("nothing is exported at {}", address));
+}
+
+}  // namespace cowtap::daemon
