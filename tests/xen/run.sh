@@ -32,7 +32,7 @@ now() { date +%s.%N; }
 stage() {  # stage NAME: closes the previous stage, opens NAME
   local t; t=$(now)
   if [[ ${#stage_names[@]} -gt 0 ]]; then
-    stage_secs+=("$(echo "$t - $stage_t0" | bc)")
+    stage_secs+=("$(awk -v a="$t" -v b="$stage_t0" 'BEGIN{printf "%.1f", a - b}')")
   fi
   [[ -n "${1:-}" ]] && { stage_names+=("$1"); echo "=== stage: $1"; }
   stage_t0=$t
@@ -41,7 +41,6 @@ skip() { echo "skip: $*" >&2; exit 77; }
 
 # --- prerequisites ----------------------------------------------------------
 stage prerequisites
-command -v bc >/dev/null || skip "missing bc"
 [[ -x "$workload" ]] || { echo "build the cowtap_xen_workload target first ($workload)" >&2; exit 1; }
 host_pkgs=(qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils busybox-static cpio
            e2fsprogs qemu-utils)

@@ -200,6 +200,9 @@ uint64_t VerifyRange(int fd, uint64_t sector, uint64_t sectors, AlignedBuffer& b
   return bad;
 }
 
+// "ok" for a call that returned 0, else what errno says.
+std::string RcDetail(int rc) { return rc == 0 ? "ok" : strerror(errno); }
+
 std::string Detail(uint64_t bad, const std::string& first) {
   return bad == 0 ? "ok" : std::to_string(bad) + " bad sectors, first: " + first;
 }
@@ -268,7 +271,8 @@ int Guest(const char* dev) {
   // 3. Flush: fsync on the O_DIRECT descriptor (FLUSH_DISKCACHE or a
   // barrier on the ring), and a buffered write made durable by fdatasync.
   double t0 = NowSeconds();
-  c.Check("fsync_direct", fsync(fd) == 0, strerror(errno));
+  int frc = fsync(fd);
+  c.Check("fsync_direct", frc == 0, RcDetail(frc));
   Figure("fsync_ms", (NowSeconds() - t0) * 1e3);
   {
     int bfd = open(dev, O_RDWR);
@@ -342,7 +346,8 @@ int Guest(const char* dev) {
   bad = VerifyRange(fd, 0, kWrittenEndSector, big, &first);
   bad += VerifyRange(fd, kUntouchedSector, kUntouchedSectors, big, &first);
   c.Check("final_verify", bad == 0, Detail(bad, first));
-  c.Check("final_fsync", fsync(fd) == 0, strerror(errno));
+  frc = fsync(fd);
+  c.Check("final_fsync", frc == 0, RcDetail(frc));
   close(fd);
   std::printf("WORKLOAD: %d passed, %d failed\n", c.passed(), c.failed());
   std::fflush(stdout);
