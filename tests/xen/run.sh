@@ -158,7 +158,10 @@ for b in $backends; do
       if [[ -x "$cowtapd_bin" && -x "$shim_bin" ]]; then
         copy_with_libs root "$cowtapd_bin" /usr/sbin/cowtapd
         copy_with_libs root "$shim_bin" /usr/lib/cowtap/cowtap-xenpv-dm
-        [[ -x "$cowtap_bin" ]] && copy_with_libs root "$cowtap_bin" /usr/bin/cowtap
+        if [[ -x "$cowtap_bin" ]]; then copy_with_libs root "$cowtap_bin" /usr/bin/cowtap; fi
+        # Debug info only makes the initramfs slower to build and unpack.
+        strip --strip-debug root/usr/sbin/cowtapd root/usr/lib/cowtap/cowtap-xenpv-dm
+        if [[ -f root/usr/bin/cowtap ]]; then strip --strip-debug root/usr/bin/cowtap; fi
         dom0_backends+=" cowtapd"
       else
         echo "note: cowtapd skipped: $cowtapd_bin or $shim_bin not built"
