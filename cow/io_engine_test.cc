@@ -654,6 +654,7 @@ INSTANTIATE_TEST_SUITE_P(Modes, IoEngineTest, ::testing::Values(IoEngineKind::kU
 
 TEST(IoEngineFallbackTest, FallsBackToThreadsWhenIoUringCannotStart) {
   IoEngineOptions o;
+  o.kind = IoEngineKind::kUring;  // not kAuto, which COWTAP_IO_ENGINE may already steer
   o.simulate_uring_init_errno = ENOSYS;
   auto e = IoEngine::Create(o);
   ASSERT_TRUE(e.ok());
@@ -675,9 +676,15 @@ TEST(IoEngineFallbackTest, FallsBackToThreadsWhenIoUringCannotStart) {
 }
 
 TEST(IoEngineFallbackTest, EnvironmentForcesTheThreadsMode) {
+  const char* was = std::getenv("COWTAP_IO_ENGINE");
+  const std::string saved = was ? was : "";
   ::setenv("COWTAP_IO_ENGINE", "threads", 1);
   auto e = IoEngine::Create();
-  ::unsetenv("COWTAP_IO_ENGINE");
+  if (was) {
+    ::setenv("COWTAP_IO_ENGINE", saved.c_str(), 1);
+  } else {
+    ::unsetenv("COWTAP_IO_ENGINE");
+  }
   ASSERT_TRUE(e.ok());
   EXPECT_EQ((*e)->kind(), IoEngineKind::kThreads);
   EXPECT_EQ((*e)->fallback_reason(), "COWTAP_IO_ENGINE=threads");
