@@ -20,6 +20,7 @@
 #include "tools/cli/bench_runners.h"
 #include "tools/cli/bench_setup.h"
 #include "tools/cli/bench_stats.h"
+#include "tools/cli/cli.h"
 
 namespace cowtap::cli::bench {
 namespace {
@@ -113,6 +114,21 @@ TEST(BenchEndToEnd, QuickRunMeasuresEveryRowOnEveryPeerAndTheJsonParses) {
   const std::string table = FormatTable(*report);
   for (const std::string& name : RowNames()) EXPECT_NE(table.find(name + ":"), std::string::npos) << name;
   EXPECT_NE(table.find("targets"), std::string::npos);
+}
+
+int RunCliArgs(std::vector<std::string> args) {
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  return RunCli(static_cast<int>(argv.size()), argv.data());
+}
+
+TEST(BenchCommand, RefusesBadOptionsBeforeMakingAnything) {
+  const std::string dir = TempDir() + "/not-made";
+  EXPECT_EQ(RunCliArgs({"cowtap", "bench", "--quick", "--dir", dir, "--rows", "randread-4k,nosuch"}), 1);
+  EXPECT_EQ(RunCliArgs({"cowtap", "bench", "--quick", "--dir", dir, "--size", "1000"}), 1);
+  EXPECT_EQ(RunCliArgs({"cowtap", "bench", "--quick", "--dir", dir, "--size", "lots"}), 1);
+  EXPECT_NE(::access(dir.c_str(), F_OK), 0) << "bad options still made " << dir;
+  ::rmdir(dir.substr(0, dir.rfind('/')).c_str());
 }
 
 TEST(BenchPattern, SequentialWrapsAtTheEndOfTheRegion) {
