@@ -315,8 +315,9 @@ TEST_F(CtlCommandTest, WatchJsonGivesRatesPerInterval) {
 }
 
 TEST_F(CtlCommandTest, WatchEndsOnCtrlC) {
-  std::thread interrupter([] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  // Two stats requests served: the watch loop runs, its handler is in place.
+  std::thread interrupter([this] {
+    while (server_->requests_served() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     ::kill(::getpid(), SIGINT);
   });
   const auto start = std::chrono::steady_clock::now();
