@@ -298,16 +298,20 @@ bool IoEngine::Advance(Op* op, int64_t result) {
     op->status = Status::IoError(op->Where() + ": the write made no progress (is the file system full?)");
     return true;
   }
-  if (read && n < op->cur_len && op->target.direct && op->cur_offset() % kDirectBlock != 0) {
-    // An O_DIRECT read stops off alignment only at end of file; make sure
-    // rather than resubmit an unaligned read the kernel would refuse.
+  if (read && n < op->cur_len && op->target.direct) {
+    // An O_DIRECT read stops short at end of file, possibly off the
+    // descriptor's alignment, where reading on would be refused: a regular
+    // file's size says whether the rest is past its end.
     struct stat st;
-    if (::fstat(op->target.fd, &st) == 0 && op->cur_offset() >= static_cast<uint64_t>(st.st_size)) {
+    if (::fstat(op->target.fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        op->cur_offset() >= static_cast<uint64_t>(st.st_size)) {
       ZeroIoVecs(op->iov, op->done_bytes, op->total - op->done_bytes);
       return true;
     }
-    op->status = Status::IoError(op->Where() + ": short O_DIRECT read ended off alignment before end of file");
-    return true;
+    if (op->cur_offset() % kDirectBlock != 0) {
+      op->status = Status::IoError(op->Where() + ": short O_DIRECT read ended off alignment before end of file");
+      return true;
+    }
   }
   continuations_.fetch_add(1, std::memory_order_relaxed);
   op->SetPiece();
