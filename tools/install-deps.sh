@@ -10,6 +10,7 @@ packages=(
   liburing-dev zlib1g-dev libzstd-dev libcli11-dev nlohmann-json3-dev
   qemu-utils clang libclang-rt-14-dev
   libsystemd-dev
+  libnbd-bin fio
 )
 
 missing=()

@@ -52,6 +52,7 @@ std::unique_ptr<Command> NewWriteCommand();
 std::unique_ptr<Command> NewZeroCommand();
 std::unique_ptr<Command> NewDiscardCommand();
 std::unique_ptr<Command> NewCtlCommand();
+std::unique_ptr<Command> NewServeNbdCommand();
 std::unique_ptr<Command> NewBenchCommand();
 
 // Shared by the commands that open an image: an optional "-f FMT" flag that

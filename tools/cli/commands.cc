@@ -16,6 +16,7 @@ std::vector<std::unique_ptr<Command>> BuiltinCommands() {
   out.push_back(NewZeroCommand());
   out.push_back(NewDiscardCommand());
   out.push_back(NewCtlCommand());
+  out.push_back(NewServeNbdCommand());
   out.push_back(NewBenchCommand());
   return out;
 }
