@@ -10,6 +10,7 @@
 
 #include "base/checked_math.h"
 #include "cow/image.h"
+#include "cow/io_engine.h"
 
 namespace cowtap::backend {
 
@@ -136,6 +137,11 @@ class ImageBlockDevice final : public BlockDevice {
     if (length_bytes == 0) return Status::Ok();
     return image_->WriteZeroes(offset_bytes, length_bytes, /*may_unmap=*/false);
   }
+
+  // One io_uring submission per ring pass: the image's files submit through
+  // the calling thread's plug.
+  void Plug() override { cow::PlugThisThread(); }
+  void Unplug() override { cow::UnplugThisThread(); }
 
   // Reads and writes go to the image's asynchronous I/O (several in flight,
   // completing on the file's threads); flush, discard and write-zeroes, and

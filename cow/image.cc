@@ -10,6 +10,7 @@
 
 #include "base/endian.h"
 #include "cow/formats.h"
+#include "cow/io_engine.h"
 
 namespace cowtap::cow {
 
@@ -56,6 +57,9 @@ Status WaitForCompletion(const std::function<void(ImageCompletion)>& start) {
     state->done = true;
     state->cv.notify_all();
   });
+  // A plugged thread holds its submissions back: start them, or this wait
+  // would never end.
+  if (ThisThreadPlugged()) FlushThisThread();
   std::unique_lock lock(state->mu);
   state->cv.wait(lock, [&] { return state->done; });
   return state->status;

@@ -190,8 +190,8 @@ using BackingOpener = std::function<Result<std::shared_ptr<Image>>(const Backing
 
 // Runs start (which submits one asynchronous operation with the completion
 // it is given) and blocks until that completion ran; returns its status.
-// Must not be called where the submission could be held back until this
-// thread returns (between a caller's plug and unplug).
+// On a plugged thread (io_engine.h) the held-back submissions are started
+// first. Must not be called on an I/O engine's completion thread.
 Status WaitForCompletion(const std::function<void(ImageCompletion)>& start);
 
 // Reads the first bytes of a file and says which format it is (qcow2: magic

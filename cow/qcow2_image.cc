@@ -217,10 +217,14 @@ Result<std::pair<uint64_t, uint64_t>> Qcow2Image::AllocateClusters(uint64_t max_
   uint64_t end = got.first + got.second * cluster_size_;
   if (end > prealloc_end_) {
     // Grow the file ahead of use in large steps; bytes stay reading as zeros.
+    // The size grows too: O_DIRECT writes past EOF are serialized by the
+    // file system (ext4, XFS extend i_size synchronously under the inode
+    // lock), which would cap allocating writes at queue depth 1. Close()
+    // truncates back to the bytes in use.
     uint64_t from = std::max(prealloc_end_, got.first);
     uint64_t step = std::clamp<uint64_t>(file_size_ / 4, kMinGrowStepBytes, kMaxGrowStepBytes);
     step = std::max<uint64_t>(step, end - from);
-    Status s = file_->Allocate(from, step, /*keep_size=*/true);
+    Status s = file_->Allocate(from, step, /*keep_size=*/false);
     if (s.code() == ErrorCode::kNoSpace) {
       // Nothing references the run yet: give it back, or every retry of a
       // write on a full disk would leak clusters.
@@ -339,12 +343,16 @@ Status Qcow2Image::Close() {
       info_.dirty = false;
     }
   }
-  if (s.ok() && !info_.read_only) {
-    // Give back the space reserved ahead of use past the end of the file
-    // (truncating to the current size frees blocks beyond it; a punch would
-    // not, as file systems clamp it to the size).
+  if (s.ok() && !info_.read_only && refcounts_) {
+    // Give back the space reserved ahead of use: cut the file at the end of
+    // the last cluster in use (truncating also frees blocks reserved past
+    // EOF by older versions; a punch would not, file systems clamp it).
+    uint64_t used = file_size_;
+    used = std::max(used, refcounts_->table_offset() + uint64_t{refcounts_->table_clusters()} * cluster_size_);
+    for (uint64_t block : refcounts_->table())
+      if (block) used = std::max(used, block + cluster_size_);
     auto size = file_->Size();
-    if (size.ok() && prealloc_end_ > *size) file_->Truncate(*size).IgnoreError();
+    if (size.ok() && (used < *size || prealloc_end_ > *size)) file_->Truncate(std::min(used, *size)).IgnoreError();
   }
   closed_ = true;
   return s;
