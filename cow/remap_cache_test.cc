@@ -543,9 +543,13 @@ TEST(RemapCacheTest, ConcurrentStressNeverReturnsStaleOrTornEntries) {
       if (roll < 15) {  // write one of my clusters
         const uint64_t i = rng() % kOwnedPerThread, c = t * kOwnedPerThread + i;
         cache.Insert(c, StressValue(c, ++version[i]));
-      } else if (roll < 25) {  // invalidate one of mine and publish it
+      } else if (roll < 25) {  // invalidate one of mine (either way) and publish it
         const uint64_t i = rng() % kOwnedPerThread, c = t * kOwnedPerThread + i;
-        cache.Invalidate(c);
+        if (roll % 2) {
+          cache.Invalidate(c);
+        } else {
+          cache.InvalidateRange(c, 1);
+        }
         invalidated[c].store(version[i], std::memory_order_release);
       } else if (roll < 35) {  // write a shared cluster
         const uint64_t c = owned_total + rng() % kShared;
