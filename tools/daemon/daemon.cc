@@ -275,7 +275,9 @@ std::shared_ptr<ManagedVbd> Daemon::Find(const std::string& id) {
 
 size_t Daemon::vbd_count() {
   std::lock_guard lock(mu_);
-  return vbds_.size();
+  size_t n = vbds_.size();
+  for (const auto& v : stopping_) n += v->finished() ? 0 : 1;
+  return n;
 }
 
 std::vector<VbdStatsSnapshot> Daemon::List() {

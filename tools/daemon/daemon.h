@@ -68,7 +68,8 @@ class Daemon final : public DaemonControl {
   // The simulated hypervisor (platform "sim"), else null.
   xen::SimHypervisor* sim() { return sim_.get(); }
   xen::XenPlatform& platform() { return *platform_; }
-  // VBDs in the table (serving, opening, failed or stopping).
+  // VBDs holding resources: in the table (serving, opening, failed) or
+  // still detaching (their image not closed yet).
   size_t vbd_count();
 
   // DaemonControl.
