@@ -92,7 +92,20 @@ for b in $(cat /etc/backends); do
         'device_model_override = "/usr/lib/cowtap/cowtap-xenpv-dm"'
       kill -TERM $cpid; wait $cpid
       say "cowtapd exit $?"
-      sed 's/^/[cowtapd] LOG /' /var/log/cowtapd.log | tail -40 ;;
+      sed 's/^/[cowtapd] LOG /' /var/log/cowtapd.log | tail -40
+      # The same config with no cowtapd running: xl create must fail, and the
+      # stand-in device model's log must say why.
+      cp /data/cowtapd.qcow2 /data/nodaemon.qcow2
+      sed -e 's/g-cowtapd/g-nodaemon/' -e 's|/data/cowtapd.qcow2|/data/nodaemon.qcow2|' /tmp/g-cowtapd.cfg > /tmp/g-nodaemon.cfg
+      if xl create /tmp/g-nodaemon.cfg > /tmp/g-nodaemon.xl.log 2>&1; then
+        echo "[cowtapd] NODAEMON xl create succeeded without cowtapd"
+        xl destroy g-nodaemon
+      elif grep -q "no backend picked it up" /var/log/xen/qemu-dm-g-nodaemon.log; then
+        echo "[cowtapd] NODAEMON refused: $(grep -o 'Busy: .*' /var/log/xen/qemu-dm-g-nodaemon.log | head -1)"
+      else
+        echo "[cowtapd] NODAEMON failed for another reason: $(tail -3 /tmp/g-nodaemon.xl.log | tr '\n' ' ')"
+      fi
+      rm -f /data/nodaemon.qcow2 ;;
   esac
 done
 sync

@@ -221,6 +221,11 @@ for b in $dom0_backends; do
   fig() { awk -v k="$1" '$1=="FIGURE" && $2==k {print $3}' "out/$b.console" | tail -1; }
   table[$b]="$(fig seq_write_MBps)|$(fig seq_read_MBps)|$(fig rand_read_4k_avg_us)|$(fig rand_read_4k_p99_us)|$(fig fsync_ms)|$(fig discard_ms)|$(grep -c '^CHECK .* FAIL' "out/$b.console" || true)|$(sed -n 's/^GUEST-SECONDS //p' "out/$b.console" | tail -1)"
 done
+if [[ " $dom0_backends " == *" cowtapd "* ]]; then
+  nd=$(sed -n 's/^\[cowtapd\] NODAEMON //p' vm.txt | head -1)
+  if [[ "$nd" == refused:* ]]; then check cowtapd/xl_create_refused_without_daemon 1 "${nd#refused: }"
+  else check cowtapd/xl_create_refused_without_daemon 0 "${nd:-no result}"; fi
+fi
 if [[ -f out/base.qcow2 ]]; then
   qemu-img check -q out/base.qcow2 >/dev/null 2>&1 && check base_unchanged_check 1 "" || check base_unchanged_check 0 ""
 fi
