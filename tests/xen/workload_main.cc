@@ -58,8 +58,7 @@ struct Extent {
   uint64_t sectors;
 };
 const Extent kPatternExtents[] = {
-    {0, 8},          {100, 8},       {127, 2},        {256, 24},   {1000, 136},
-    {2047, 1},       {4096, 2056},   {9000, 7},       {12345, 77}, {14000, 128},
+    {0, 8}, {100, 8}, {127, 2}, {256, 24}, {1000, 136}, {2047, 1}, {4096, 2056}, {9000, 7}, {12345, 77}, {14000, 128},
 };
 constexpr uint64_t kDiscardSector = 8 * kMiB / kSector;
 constexpr uint64_t kDiscardSectors = 1 * kMiB / kSector;
@@ -278,8 +277,8 @@ int Guest(const char* dev) {
     int bfd = open(dev, O_RDWR);
     uint8_t sector_buf[kSector];
     FillSector(kPatternExtents[0].sector, kGenPattern, sector_buf);
-    bool ok = bfd >= 0 && PwriteAll(bfd, sector_buf, kSector, kPatternExtents[0].sector * kSector) &&
-              fdatasync(bfd) == 0;
+    bool ok =
+        bfd >= 0 && PwriteAll(bfd, sector_buf, kSector, kPatternExtents[0].sector * kSector) && fdatasync(bfd) == 0;
     c.Check("fdatasync_buffered", ok, ok ? "ok" : strerror(errno));
     if (bfd >= 0) close(bfd);
   }
@@ -291,7 +290,7 @@ int Guest(const char* dev) {
   t0 = NowSeconds();
   int rc = is_file ? fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(range[0]),
                                static_cast<off_t>(range[1]))
-                     : ioctl(fd, BLKDISCARD, range);
+                   : ioctl(fd, BLKDISCARD, range);
   if (rc != 0 && errno == EOPNOTSUPP) {
     c.Check("discard", true, "not advertised by the backend (EOPNOTSUPP), skipped");
   } else {
@@ -355,8 +354,7 @@ int Guest(const char* dev) {
 }
 
 int Usage() {
-  std::fprintf(stderr,
-               "usage: cowtap_xen_workload fill-base FILE BYTES | guest DEVICE | verify-image FILE\n");
+  std::fprintf(stderr, "usage: cowtap_xen_workload fill-base FILE BYTES | guest DEVICE | verify-image FILE\n");
   return 2;
 }
 

@@ -247,8 +247,9 @@ Status WaitForQdiskBackends(xen::XenStore& store, xen::DomId self, xen::DomId do
     }
     if (waiting.empty()) return Status::Ok();
     if (std::chrono::steady_clock::now() >= deadline) {
-      return Status::Busy(waiting + " is still Initialising: no backend picked it up; is cowtapd running with "
-                                    "--platform xen --backend-type qdisk?");
+      return Status::Busy(waiting +
+                          " is still Initialising: no backend picked it up; is cowtapd running with "
+                          "--platform xen --backend-type qdisk?");
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }

@@ -91,8 +91,7 @@ class QmpServer {
 // it up). kNotFound when there are none (nothing for cowtap to serve: wrong
 // backendtype?), kBusy naming the first directory still below InitWait after
 // `timeout` ("is cowtapd running with --backend-type qdisk?").
-Status WaitForQdiskBackends(xen::XenStore& store, xen::DomId self, xen::DomId domid,
-                            std::chrono::milliseconds timeout);
+Status WaitForQdiskBackends(xen::XenStore& store, xen::DomId self, xen::DomId domid, std::chrono::milliseconds timeout);
 
 // Writes device-model/<domid>/state = "running" under /local/domain/<self>,
 // which libxl waits for.

@@ -24,12 +24,18 @@ using nlohmann::json;
 
 // What libxl 4.17's libxl__build_device_model_args_new passes for a PV guest.
 std::vector<std::string> LibxlPvArgs(const std::string& dir) {
-  return {"-xen-domid", "7", "-chardev",
-          "socket,id=libxl-cmd,path=" + dir + "/qmp-libxl-7,server=on,wait=off", "-mon",
-          "chardev=libxl-cmd,mode=control", "-chardev",
-          "socket,id=libxenstat-cmd,path=" + dir + "/qmp-libxenstat-7,server=on,wait=off", "-mon",
-          "chardev=libxenstat-cmd,mode=control", "-nodefaults", "-no-user-config", "-xen-attach", "-name", "g1",
-          "-vnc", "none", "-display", "none", "-nographic", "-machine", "xenpv", "-m", "257"};
+  return {"-xen-domid",  "7",
+          "-chardev",    "socket,id=libxl-cmd,path=" + dir + "/qmp-libxl-7,server=on,wait=off",
+          "-mon",        "chardev=libxl-cmd,mode=control",
+          "-chardev",    "socket,id=libxenstat-cmd,path=" + dir + "/qmp-libxenstat-7,server=on,wait=off",
+          "-mon",        "chardev=libxenstat-cmd,mode=control",
+          "-nodefaults", "-no-user-config",
+          "-xen-attach", "-name",
+          "g1",          "-vnc",
+          "none",        "-display",
+          "none",        "-nographic",
+          "-machine",    "xenpv",
+          "-m",          "257"};
 }
 
 TEST(ParseDmArgsTest, TakesDomidAndBothMonitorSockets) {
