@@ -1,15 +1,14 @@
 #include "backend/nbd_connection.h"
 
+#include <fmt/format.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <array>
 #include <cerrno>
 #include <vector>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "base/endian.h"
 #include "base/log.h"
@@ -189,8 +188,8 @@ void NbdConnection::ServeRequests(const NbdNegotiator& negotiator) {
     }
     if (request->type == kNbdCmdWrite) {
       // The data follows the header whether or not the request is served.
-      const bool read_ok = p->buffer ? ReadFull(p->buffer.get(), request->length) == ReadResult::kOk
-                                     : Drain(request->length);
+      const bool read_ok =
+          p->buffer ? ReadFull(p->buffer.get(), request->length) == ReadResult::kOk : Drain(request->length);
       if (!read_ok) {
         ProtocolError("connection lost in the middle of NBD_CMD_WRITE data");
         Release(cost);
@@ -348,8 +347,8 @@ NbdConnection::ReadResult NbdConnection::ReadFull(void* buf, size_t length,
   size_t done = 0;
   while (done < length) {
     if (deadline != std::chrono::steady_clock::time_point{}) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline -
-                                                                              std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return ReadResult::kError;
       pollfd pfd{fd_, POLLIN, 0};
       const int n = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));

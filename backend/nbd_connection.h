@@ -38,7 +38,7 @@ class NbdConnection {
  public:
   struct Limits {
     uint32_t max_inflight_requests = 32;
-    uint64_t max_inflight_bytes = 64u << 20;
+    uint64_t max_inflight_bytes = 32u << 20;
     std::chrono::milliseconds handshake_timeout{10000};
   };
 
@@ -95,13 +95,13 @@ class NbdConnection {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  uint32_t inflight_requests_ = 0;                  // GUARDED_BY(mu_)
-  uint64_t inflight_bytes_ = 0;                     // GUARDED_BY(mu_)
-  std::deque<std::shared_ptr<Pending>> replies_;    // GUARDED_BY(mu_)
-  bool stop_reading_ = false;                       // GUARDED_BY(mu_)
-  bool writer_exit_ = false;                        // GUARDED_BY(mu_)
-  bool finished_ = false;                           // GUARDED_BY(mu_)
-  bool send_failed_ = false;                        // writer thread only
+  uint32_t inflight_requests_ = 0;                // GUARDED_BY(mu_)
+  uint64_t inflight_bytes_ = 0;                   // GUARDED_BY(mu_)
+  std::deque<std::shared_ptr<Pending>> replies_;  // GUARDED_BY(mu_)
+  bool stop_reading_ = false;                     // GUARDED_BY(mu_)
+  bool writer_exit_ = false;                      // GUARDED_BY(mu_)
+  bool finished_ = false;                         // GUARDED_BY(mu_)
+  bool send_failed_ = false;                      // writer thread only
 
   std::thread thread_;
   std::thread writer_;

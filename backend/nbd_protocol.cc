@@ -72,8 +72,8 @@ Result<NbdOptionHeader> DecodeNbdOptionHeader(std::span<const uint8_t, kNbdOptio
   h.length = LoadBe32(bytes.data() + 12);
   if (h.length > kNbdMaxOptionBytes) {
     return Status::InvalidArgument(
-        fmt::format("NBD option {} carries {} bytes of data, more than the {} this server accepts", h.option,
-                    h.length, kNbdMaxOptionBytes));
+        fmt::format("NBD option {} carries {} bytes of data, more than the {} this server accepts", h.option, h.length,
+                    kNbdMaxOptionBytes));
   }
   return h;
 }
@@ -98,8 +98,8 @@ std::vector<uint8_t> EncodeNbdOptionReply(uint32_t option, uint32_t reply_type, 
 Status NbdNegotiator::AcceptClientFlags(uint32_t client_flags) {
   const uint32_t known = kNbdFlagCFixedNewstyle | kNbdFlagCNoZeroes;
   if (client_flags & ~known) {
-    return Status::InvalidArgument(fmt::format("NBD client flags {:#x} include bits this server did not offer",
-                                               client_flags));
+    return Status::InvalidArgument(
+        fmt::format("NBD client flags {:#x} include bits this server did not offer", client_flags));
   }
   fixed_newstyle_ = client_flags & kNbdFlagCFixedNewstyle;
   no_zeroes_ = client_flags & kNbdFlagCNoZeroes;
@@ -171,15 +171,15 @@ NbdNegotiator::Outcome NbdNegotiator::HandleInfoOrGo(uint32_t option, std::span<
   const uint16_t count = LoadBe16(data.data() + 4 + name_len);
   const size_t rest = data.size() - 6 - name_len;
   if (rest != size_t{count} * 2) {
-    AppendOptionReply(out, option, kNbdRepErrInvalid,
-                      fmt::format("{} information requests need {} bytes, the option has {}", count,
-                                  size_t{count} * 2, rest));
+    AppendOptionReply(
+        out, option, kNbdRepErrInvalid,
+        fmt::format("{} information requests need {} bytes, the option has {}", count, size_t{count} * 2, rest));
     return Outcome::kContinue;
   }
   if (!NameMatches(name)) {
-    AppendOptionReply(out, option, kNbdRepErrUnknown,
-                      fmt::format("no export named '{}' (this server exports '{}')", CutString(name).substr(0, 256),
-                                  info_.name));
+    AppendOptionReply(
+        out, option, kNbdRepErrUnknown,
+        fmt::format("no export named '{}' (this server exports '{}')", CutString(name).substr(0, 256), info_.name));
     return Outcome::kContinue;
   }
   bool want_name = false, want_description = false;
@@ -222,8 +222,7 @@ NbdNegotiator::Outcome NbdNegotiator::HandleInfoOrGo(uint32_t option, std::span<
 Result<NbdRequest> DecodeNbdRequest(std::span<const uint8_t, kNbdRequestBytes> bytes) {
   const uint32_t magic = LoadBe32(bytes.data());
   if (magic != kNbdRequestMagic) {
-    return Status::InvalidArgument(fmt::format("NBD request has magic {:#x}, expected {:#x}", magic,
-                                               kNbdRequestMagic));
+    return Status::InvalidArgument(fmt::format("NBD request has magic {:#x}, expected {:#x}", magic, kNbdRequestMagic));
   }
   NbdRequest r;
   r.flags = LoadBe16(bytes.data() + 4);
@@ -259,8 +258,8 @@ NbdCheck CheckNbdRequest(const NbdRequest& r, const NbdTransmissionState& state)
       return {kNbdEinval, fmt::format("command {} is not supported", r.type)};
   }
   if (r.flags & ~allowed_flags) {
-    return {kNbdEinval, fmt::format("{} with flags {:#x}: only {:#x} allowed", NbdCommandName(r.type), r.flags,
-                                    allowed_flags)};
+    return {kNbdEinval,
+            fmt::format("{} with flags {:#x}: only {:#x} allowed", NbdCommandName(r.type), r.flags, allowed_flags)};
   }
   if (writes && (tf & kNbdFlagReadOnly)) return {kNbdEperm, "the export is read-only"};
   if (r.type == kNbdCmdTrim && !(tf & kNbdFlagSendTrim)) return {kNbdEinval, "NBD_CMD_TRIM was not advertised"};
@@ -308,8 +307,8 @@ std::array<uint8_t, kNbdSimpleReplyBytes> EncodeNbdSimpleReply(uint64_t handle, 
   return out;
 }
 
-std::array<uint8_t, kNbdStructuredHeaderBytes> EncodeNbdStructuredHeader(uint16_t flags, uint16_t type,
-                                                                          uint64_t handle, uint32_t payload_bytes) {
+std::array<uint8_t, kNbdStructuredHeaderBytes> EncodeNbdStructuredHeader(uint16_t flags, uint16_t type, uint64_t handle,
+                                                                         uint32_t payload_bytes) {
   std::array<uint8_t, kNbdStructuredHeaderBytes> out;
   StoreBe32(out.data(), kNbdStructuredReplyMagic);
   StoreBe16(out.data() + 4, flags);
@@ -343,15 +342,24 @@ std::array<uint8_t, kNbdStructuredHeaderBytes> EncodeNbdStructuredDone(uint64_t 
 
 std::string_view NbdCommandName(uint16_t type) {
   switch (type) {
-    case kNbdCmdRead: return "NBD_CMD_READ";
-    case kNbdCmdWrite: return "NBD_CMD_WRITE";
-    case kNbdCmdDisc: return "NBD_CMD_DISC";
-    case kNbdCmdFlush: return "NBD_CMD_FLUSH";
-    case kNbdCmdTrim: return "NBD_CMD_TRIM";
-    case kNbdCmdCache: return "NBD_CMD_CACHE";
-    case kNbdCmdWriteZeroes: return "NBD_CMD_WRITE_ZEROES";
-    case kNbdCmdBlockStatus: return "NBD_CMD_BLOCK_STATUS";
-    default: return "NBD_CMD_(unknown)";
+    case kNbdCmdRead:
+      return "NBD_CMD_READ";
+    case kNbdCmdWrite:
+      return "NBD_CMD_WRITE";
+    case kNbdCmdDisc:
+      return "NBD_CMD_DISC";
+    case kNbdCmdFlush:
+      return "NBD_CMD_FLUSH";
+    case kNbdCmdTrim:
+      return "NBD_CMD_TRIM";
+    case kNbdCmdCache:
+      return "NBD_CMD_CACHE";
+    case kNbdCmdWriteZeroes:
+      return "NBD_CMD_WRITE_ZEROES";
+    case kNbdCmdBlockStatus:
+      return "NBD_CMD_BLOCK_STATUS";
+    default:
+      return "NBD_CMD_(unknown)";
   }
 }
 

@@ -39,8 +39,8 @@
 namespace cowtap::backend {
 
 // --- magic numbers ---
-inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943;           // "NBDMAGIC"
-inline constexpr uint64_t kNbdOptionMagic = 0x49484156454f5054;     // "IHAVEOPT"
+inline constexpr uint64_t kNbdMagic = 0x4e42444d41474943;        // "NBDMAGIC"
+inline constexpr uint64_t kNbdOptionMagic = 0x49484156454f5054;  // "IHAVEOPT"
 inline constexpr uint64_t kNbdOptionReplyMagic = 0x0003e889045565a9;
 inline constexpr uint32_t kNbdRequestMagic = 0x25609513;
 inline constexpr uint32_t kNbdSimpleReplyMagic = 0x67446698;
@@ -216,7 +216,7 @@ inline uint32_t NbdPayloadBytes(const NbdRequest& r) { return r.type == kNbdCmdW
 
 // What a request is checked against.
 struct NbdTransmissionState {
-  uint64_t size_bytes = 0;        // the device's size now
+  uint64_t size_bytes = 0;  // the device's size now
   uint16_t transmission_flags = 0;
   bool structured_replies = false;
 };
@@ -237,8 +237,8 @@ uint32_t NbdErrorFromStatus(const Status& status);
 // A simple reply header (data, if any, follows it).
 std::array<uint8_t, kNbdSimpleReplyBytes> EncodeNbdSimpleReply(uint64_t handle, uint32_t error);
 // A structured reply chunk header for a payload of payload_bytes.
-std::array<uint8_t, kNbdStructuredHeaderBytes> EncodeNbdStructuredHeader(uint16_t flags, uint16_t type,
-                                                                          uint64_t handle, uint32_t payload_bytes);
+std::array<uint8_t, kNbdStructuredHeaderBytes> EncodeNbdStructuredHeader(uint16_t flags, uint16_t type, uint64_t handle,
+                                                                         uint32_t payload_bytes);
 // The final chunk answering a READ of `length` bytes at `offset` with data:
 // header + u64 offset; the data follows it. REQUIRES: length <= kNbdMaxPayloadBytes.
 std::vector<uint8_t> EncodeNbdReadChunkHeader(uint64_t handle, uint64_t offset, uint32_t length);

@@ -105,9 +105,9 @@ TEST(NbdNegotiatorTest, ExportNameSendsSizeFlagsAndZeroPadding) {
   NbdNegotiator n = FixedClient();
   std::vector<uint8_t> out;
   const std::string name = "disk";
-  EXPECT_EQ(n.HandleOption(kNbdOptExportName, std::span(reinterpret_cast<const uint8_t*>(name.data()), name.size()),
-                           &out),
-            NbdNegotiator::Outcome::kTransmission);
+  EXPECT_EQ(
+      n.HandleOption(kNbdOptExportName, std::span(reinterpret_cast<const uint8_t*>(name.data()), name.size()), &out),
+      NbdNegotiator::Outcome::kTransmission);
   ASSERT_EQ(out.size(), 8u + 2 + 124);
   EXPECT_EQ(LoadBe64(out.data()), 1u << 20);
   EXPECT_EQ(LoadBe16(out.data() + 8), n.transmission_flags());
@@ -125,9 +125,9 @@ TEST(NbdNegotiatorTest, ExportNameOfAnUnknownExportHangsUp) {
   NbdNegotiator n = FixedClient();
   std::vector<uint8_t> out;
   const std::string name = "other";
-  EXPECT_EQ(n.HandleOption(kNbdOptExportName, std::span(reinterpret_cast<const uint8_t*>(name.data()), name.size()),
-                           &out),
-            NbdNegotiator::Outcome::kClose);
+  EXPECT_EQ(
+      n.HandleOption(kNbdOptExportName, std::span(reinterpret_cast<const uint8_t*>(name.data()), name.size()), &out),
+      NbdNegotiator::Outcome::kClose);
   EXPECT_TRUE(out.empty());
 }
 

@@ -2,9 +2,11 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -15,9 +17,6 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "backend/nbd_connection.h"
 #include "backend/nbd_protocol.h"
@@ -50,8 +49,8 @@ Result<Bound> BindUnix(const std::string& path) {
   sockaddr_un sa{};
   sa.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(sa.sun_path)) {
-    return Status::InvalidArgument(fmt::format("NBD socket path '{}' must be 1..{} bytes", path,
-                                               sizeof(sa.sun_path) - 1));
+    return Status::InvalidArgument(
+        fmt::format("NBD socket path '{}' must be 1..{} bytes", path, sizeof(sa.sun_path) - 1));
   }
   std::memcpy(sa.sun_path, path.data(), path.size());
   const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -99,8 +98,8 @@ Result<Bound> BindTcp(std::string_view host_port) {
   uint16_t port = 0;
   const auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
   if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size()) {
-    return Status::InvalidArgument(fmt::format("NBD address 'tcp:{}': port '{}' is not 0..65535", host_port,
-                                               port_text));
+    return Status::InvalidArgument(
+        fmt::format("NBD address 'tcp:{}': port '{}' is not 0..65535", host_port, port_text));
   }
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
@@ -136,9 +135,9 @@ Result<std::unique_ptr<NbdServer>> NbdServer::Start(std::shared_ptr<BlockDevice>
   }
   if (options.max_clients == 0 || options.max_inflight_requests == 0 ||
       options.max_inflight_bytes < kNbdMaxPayloadBytes) {
-    return Status::InvalidArgument(fmt::format(
-        "NBD server limits: max_clients and max_inflight_requests must be > 0, max_inflight_bytes >= {}",
-        kNbdMaxPayloadBytes));
+    return Status::InvalidArgument(
+        fmt::format("NBD server limits: max_clients and max_inflight_requests must be > 0, max_inflight_bytes >= {}",
+                    kNbdMaxPayloadBytes));
   }
   const std::string_view address = options.address;
   Result<Bound> bound = Status::InvalidArgument(
@@ -155,8 +154,8 @@ Result<std::unique_ptr<NbdServer>> NbdServer::Start(std::shared_ptr<BlockDevice>
     if (!bound->unix_path.empty()) ::unlink(bound->unix_path.c_str());
     return Status::FromErrno(errno, "eventfd");
   }
-  std::unique_ptr<NbdServer> server(new NbdServer(std::move(device), options, listen_closer.release(), wake_fd,
-                                                  bound->address, bound->unix_path));
+  std::unique_ptr<NbdServer> server(
+      new NbdServer(std::move(device), options, listen_closer.release(), wake_fd, bound->address, bound->unix_path));
   server->accept_thread_ = std::thread(&NbdServer::AcceptLoop, server.get());
   spdlog::info("nbd: serving export '{}' at {}", options.export_name, server->address_);
   return server;

@@ -51,8 +51,10 @@ struct NbdServerOptions {
   size_t max_clients = 16;
   // Per connection: requests and READ/WRITE bytes in flight (admitted and
   // not yet answered). One request is always admitted when none is in flight.
+  // Data buffers are at most max_clients x max_inflight_bytes in all (512 MiB
+  // with the defaults, reached only if every client keeps 32 MiB in flight).
   uint32_t max_inflight_requests = 32;
-  uint64_t max_inflight_bytes = 64u << 20;
+  uint64_t max_inflight_bytes = 32u << 20;
   // A client must finish the handshake within this time.
   std::chrono::milliseconds handshake_timeout{10000};
   // Advertise NBD_FLAG_CAN_MULTI_CONN: safe when a flush of the device makes
@@ -88,8 +90,7 @@ class NbdServer {
   // kInvalidArgument for a malformed or non-loopback address, kBusy if a
   // live server already listens on the Unix socket path (a stale socket file
   // is replaced), kIoError for socket errors.
-  static Result<std::unique_ptr<NbdServer>> Start(std::shared_ptr<BlockDevice> device,
-                                                  const NbdServerOptions& options);
+  static Result<std::unique_ptr<NbdServer>> Start(std::shared_ptr<BlockDevice> device, const NbdServerOptions& options);
   ~NbdServer();  // Stop()
   NbdServer(const NbdServer&) = delete;
   NbdServer& operator=(const NbdServer&) = delete;

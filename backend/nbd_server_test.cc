@@ -295,11 +295,12 @@ TEST_F(NbdServerTest, InFlightRequestsPerConnectionAreBounded) {
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_EQ(device_->PendingCount(), 3u);
   size_t answered = 0;
-  while (answered < 10) {
+  for (int spins = 0; answered < 10 && spins < 2000; ++spins) {
     answered += device_->CompletePending();
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
     EXPECT_LE(device_->PendingCount(), 3u);
   }
+  EXPECT_EQ(answered, 10u);
   for (int i = 0; i < 10; ++i) ASSERT_TRUE(c->ReadReply(512));
 }
 
@@ -397,8 +398,9 @@ TEST_F(NbdServerTest, ASlowReaderDoesNotBlockOtherClients) {
     ASSERT_TRUE(r);
     EXPECT_EQ(r->error, 0u);
   }
-  slow->Close();
+  ::shutdown(slow->fd(), SHUT_RDWR);  // unblocks the flood thread's send
   flood.join();
+  slow->Close();
 }
 
 TEST_F(NbdServerTest, MaxClientsRefusesTheExtraConnection) {
@@ -503,9 +505,9 @@ TEST_F(NbdServerTest, TcpPortZeroPicksAPortOnLoopback) {
 
 TEST_F(NbdServerTest, BadAddressesAreRefused) {
   auto device = std::make_shared<MemBlockDevice>();
-  for (const std::string& address : std::vector<std::string>{"", "unix:", "tcp:0.0.0.0:0", "tcp:10.1.2.3:10809", "tcp:127.0.0.1",
-                                    "tcp:127.0.0.1:99999", "tcp:localhost:1", "udp:127.0.0.1:1",
-                                    "unix:" + std::string(200, 'x')}) {
+  for (const std::string& address : std::vector<std::string>{"", "unix:", "tcp:0.0.0.0:0", "tcp:10.1.2.3:10809",
+                                                             "tcp:127.0.0.1", "tcp:127.0.0.1:99999", "tcp:localhost:1",
+                                                             "udp:127.0.0.1:1", "unix:" + std::string(200, 'x')}) {
     auto s = NbdServer::Start(device, At(address));
     EXPECT_EQ(s.status().code(), ErrorCode::kInvalidArgument) << address;
   }

@@ -1,5 +1,7 @@
 // The implementation of the tests' NBD client (nbd_test_client.h). Named
 // *_test.cc so it is built only into the backend test binary.
+#include "backend/nbd_test_client.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -11,7 +13,6 @@
 #include <cstring>
 
 #include "backend/nbd_protocol.h"
-#include "backend/nbd_test_client.h"
 #include "base/endian.h"
 
 namespace cowtap::backend::testing {

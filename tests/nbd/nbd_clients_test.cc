@@ -10,9 +10,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <nlohmann/json.hpp>
-
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -159,9 +158,17 @@ TEST_F(NbdClientsTest, QemuIoWritesLandInTheOverlayAndTheBaseIsUntouched) {
        "write -f -P 0xcd 50M 64k", "-c", "write -z 20M 256k", "-c", "discard 4M 1M", "-c", "flush"});
   EXPECT_EQ(server.Stop(), 0) << server.output();
   Run({"qemu-img", "check", top_});
-  Run({"qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0x11 1M 3M", "-c",
-       "read -P 0xcd 50M 64k", "-c", "read -P 0 20M 256k", "-c", "read -P 0x22 20992k 256k", "-c",
-       "read -P 0 4M 1M", "-c", "read -P 0x33 5M 1M", "-c", "read -P 0x44 63M 1M", top_});
+  Run({"qemu-io", "-f",
+       "qcow2",   "-r",
+       "-c",      "read -P 0xab 0 1M",
+       "-c",      "read -P 0x11 1M 3M",
+       "-c",      "read -P 0xcd 50M 64k",
+       "-c",      "read -P 0 20M 256k",
+       "-c",      "read -P 0x22 20992k 256k",
+       "-c",      "read -P 0 4M 1M",
+       "-c",      "read -P 0x33 5M 1M",
+       "-c",      "read -P 0x44 63M 1M",
+       top_});
   const Result<uint64_t> after = HashFile(base_);
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(*after, *base_hash) << "the backing file changed";
@@ -238,8 +245,7 @@ TEST_F(NbdClientsTest, NbdcopyIntoTheExportWithParallelConnections) {
 }
 
 TEST_F(NbdClientsTest, ServeNbdRefusesBadArguments) {
-  const CommandResult both =
-      RunCommand({COWTAP_BIN, "serve-nbd", top_, "--socket", socket_, "--tcp", "127.0.0.1:0"});
+  const CommandResult both = RunCommand({COWTAP_BIN, "serve-nbd", top_, "--socket", socket_, "--tcp", "127.0.0.1:0"});
   EXPECT_NE(both.exit_code, 0) << both.output;
   const CommandResult neither = RunCommand({COWTAP_BIN, "serve-nbd", top_});
   EXPECT_EQ(neither.exit_code, 1) << neither.output;

@@ -4,9 +4,8 @@
 // prints one line on stdout, "serving IMAGE at ADDRESS (URI)", which scripts
 // wait for; on a signal it stops the server (in-flight requests finish),
 // closes the image clean and prints the request counters.
-#include <signal.h>
-
 #include <fmt/format.h>
+#include <signal.h>
 #include <spdlog/spdlog.h>
 
 #include <cstdio>
