@@ -58,7 +58,6 @@ Status Qcow2Image::Write(uint64_t offset, IoVecs iov) {
 }
 
 bool Qcow2Image::PlanFromRemap(uint64_t offset, uint64_t length, bool write, std::vector<Piece>* plan) {
-  std::lock_guard lock(remap_mu_);
   uint64_t pos = 0;
   while (pos < length) {
     const uint64_t g = offset + pos;
@@ -103,6 +102,16 @@ void Qcow2Image::RunPlan(const std::shared_ptr<AsyncOp>& op, const std::vector<P
       op->iovs.push_back(std::move(sub));
       op->Ref();
       backing_->SubmitRead(p.at, op->iovs.back(), done);
+      continue;
+    }
+    if (p.pos == 0 && length == op->length && op->iov.size() <= kMaxIovPerIo) {
+      // The whole request is one host extent: its own vectors serve.
+      op->Ref();
+      if (write) {
+        data_->SubmitWritev(p.at, op->iov, done);
+      } else {
+        data_->SubmitReadv(p.at, op->iov, done);
+      }
       continue;
     }
     std::vector<iovec> sub;

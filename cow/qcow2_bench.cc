@@ -103,47 +103,68 @@ void PrintStats(const char* name, const ImageIoStats& s) {
       (unsigned long long)s.links, (unsigned long long)s.link_rounds, (unsigned long long)s.alloc_waits);
 }
 
+// Each figure is the best of kReps runs, qcow2 and raw alternating (the
+// machine may be shared: the best run is the least disturbed one).
 int RunAsync(const std::string& dir) {
   constexpr int kQd = 32;
+  constexpr int kReps = 3;
   OpenOptions oo;
   // COWTAP_BENCH_BUFFERED=1: page-cache I/O instead of O_DIRECT.
   oo.direct_io = std::getenv("COWTAP_BENCH_BUFFERED") == nullptr;
-  CreateOptions qo;
-  qo.size_bytes = kTotal;
-  qo.overwrite = true;
-  if (!Check(CreateImage(dir + "/qd.qcow2", qo), "create")) return 1;
-  CreateOptions ro = qo;
-  ro.format = ImageFormat::kRaw;
-  if (!Check(CreateImage(dir + "/qd.raw", ro), "create raw")) return 1;
-  auto q = OpenImage(dir + "/qd.qcow2", oo);
-  auto r = OpenImage(dir + "/qd.raw", oo);
-  if (!Check(q.status(), "open qcow2") || !Check(r.status(), "open raw")) return 1;
   const uint64_t n = kTotal / kChunk;
   auto seq = [](uint64_t i) { return i * kChunk; };
-  double tq = RunQd(**q, true, n, kChunk, kQd, seq);
-  double tr = RunQd(**r, true, n, kChunk, kQd, seq);
-  if (tq < 0 || tr < 0) return 1;
+  double best_q = 1e9, best_r = 1e9;
+  ImageIoStats write_stats;
+  std::unique_ptr<Image> q, r;
+  for (int rep = 0; rep < kReps; ++rep) {
+    q.reset();
+    r.reset();
+    CreateOptions qo;
+    qo.size_bytes = kTotal;
+    qo.overwrite = true;
+    if (!Check(CreateImage(dir + "/qd.qcow2", qo), "create")) return 1;
+    CreateOptions ro = qo;
+    ro.format = ImageFormat::kRaw;
+    if (!Check(CreateImage(dir + "/qd.raw", ro), "create raw")) return 1;
+    auto qi = OpenImage(dir + "/qd.qcow2", oo);
+    auto ri = OpenImage(dir + "/qd.raw", oo);
+    if (!Check(qi.status(), "open qcow2") || !Check(ri.status(), "open raw")) return 1;
+    q = std::move(qi).value();
+    r = std::move(ri).value();
+    double tq = RunQd(*q, true, n, kChunk, kQd, seq);
+    double tr = RunQd(*r, true, n, kChunk, kQd, seq);
+    if (tq < 0 || tr < 0) return 1;
+    best_q = std::min(best_q, tq);
+    best_r = std::min(best_r, tr);
+    write_stats = q->io_stats();
+  }
   std::printf(
-      "QD%d O_DIRECT 256 MiB sequential 64 KiB allocating writes + flush: qcow2 %.0f ms (%.0f MiB/s), raw sparse "
-      "%.0f ms (%.0f MiB/s), time ratio %.2f\n",
-      kQd, tq * 1e3, 256 / tq, tr * 1e3, 256 / tr, tq / tr);
-  PrintStats("qcow2", (*q)->io_stats());
+      "QD%d %s 256 MiB sequential 64 KiB allocating writes + flush (best of %d): qcow2 %.0f ms (%.0f MiB/s), raw "
+      "sparse %.0f ms (%.0f MiB/s), time ratio %.2f\n",
+      kQd, oo.direct_io ? "O_DIRECT" : "buffered", kReps, best_q * 1e3, 256 / best_q, best_r * 1e3, 256 / best_r,
+      best_q / best_r);
+  PrintStats("qcow2 (last run)", write_stats);
   const uint64_t reads = 65536;
   std::mt19937_64 rng(7);
   std::vector<uint64_t> offs(reads);
   for (auto& o : offs) o = (rng() % (kTotal / 4096)) * 4096;
   auto rnd = [&](uint64_t i) { return offs[i]; };
-  ImageIoStats before = (*q)->io_stats();
-  double rq = RunQd(**q, false, reads, 4096, kQd, rnd);
-  double rr = RunQd(**r, false, reads, 4096, kQd, rnd);
-  if (rq < 0 || rr < 0) return 1;
-  std::printf("QD%d O_DIRECT 4 KiB random reads of allocated data: qcow2 %.0f IOPS, raw %.0f IOPS, ratio %.2f\n", kQd,
-              reads / rq, reads / rr, rr / rq);
-  ImageIoStats after = (*q)->io_stats();
+  ImageIoStats before = q->io_stats();
+  double rq = 1e9, rr = 1e9;
+  for (int rep = 0; rep < kReps; ++rep) {
+    double a = RunQd(*q, false, reads, 4096, kQd, rnd);
+    double b = RunQd(*r, false, reads, 4096, kQd, rnd);
+    if (a < 0 || b < 0) return 1;
+    rq = std::min(rq, a);
+    rr = std::min(rr, b);
+  }
+  std::printf("QD%d %s 4 KiB random reads of allocated data (best of %d): qcow2 %.0f IOPS, raw %.0f IOPS, ratio %.2f\n",
+              kQd, oo.direct_io ? "O_DIRECT" : "buffered", kReps, reads / rq, reads / rr, rr / rq);
+  ImageIoStats after = q->io_stats();
   std::printf("  qcow2 reads: fast %llu, slow %llu\n", (unsigned long long)(after.fast_reads - before.fast_reads),
               (unsigned long long)(after.slow_reads - before.slow_reads));
-  (*q)->Close().IgnoreError();
-  (*r)->Close().IgnoreError();
+  q->Close().IgnoreError();
+  r->Close().IgnoreError();
   return 0;
 }
 

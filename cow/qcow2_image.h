@@ -38,7 +38,8 @@
 //     with mu_ held (a file may complete inline).
 //
 // Thread-safety: every public method is thread-safe. mu_ guards the
-// metadata; remap_mu_ (a leaf lock) guards the remap cache.
+// metadata; the remap cache is internally synchronized (lock-free lookups)
+// and changed only under mu_.
 #pragma once
 
 #include <atomic>
@@ -205,15 +206,13 @@ class Qcow2Image final : public Image {
   Status ReclaimFrees();
   Status ApplyFrees(std::vector<uint64_t>* host_clusters);
 
+  // The remap cache is thread-safe (lock-free lookups). Inserts happen
+  // under mu_ only, so that they agree with the L2 tables.
   std::optional<Remap> RemapLookup(uint64_t vcluster) {
-    if (!remap_) return std::nullopt;
-    std::lock_guard lock(remap_mu_);
-    return remap_->Lookup(vcluster);
+    return remap_ ? remap_->Lookup(vcluster) : std::nullopt;
   }
   void RemapInsert(uint64_t vcluster, const Remap& remap) {
-    if (!remap_) return;
-    std::lock_guard lock(remap_mu_);
-    remap_->Insert(vcluster, remap);
+    if (remap_) remap_->Insert(vcluster, remap);
   }
 
   // --- metadata (qcow2_image.cc) ---
@@ -228,18 +227,13 @@ class Qcow2Image final : public Image {
   Status RebuildRefcounts();
   bool IsFresh(uint64_t host_offset) const { return host_offset >= high_water_; }
   void InvalidateRemap(uint64_t vcluster) {
-    if (!remap_) return;
-    std::lock_guard lock(remap_mu_);
-    remap_->Invalidate(vcluster);
+    if (remap_) remap_->Invalidate(vcluster);
   }
   void InvalidateRemapRange(uint64_t first, uint64_t count) {
-    if (!remap_) return;
-    std::lock_guard lock(remap_mu_);
-    remap_->InvalidateRange(first, count);
+    if (remap_) remap_->InvalidateRange(first, count);
   }
 
   std::mutex mu_;
-  std::mutex remap_mu_;  // leaf lock: taken under mu_ or alone
   Qcow2EpochGate gate_;
   // Allocations reserved and not yet linked or given back, by vcluster.
   std::unordered_map<uint64_t, std::shared_ptr<PendingAlloc>> inflight_;  // GUARDED_BY(mu_)
