@@ -2,8 +2,10 @@
 // raw file with io_uring and qemu-img bench, side by side on the rows of
 // issue 4, printed as one table (or JSON). See bench_run.h.
 #include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 
-#include <sstream>
+#include <memory>
 
 #include "tools/cli/bench_report.h"
 #include "tools/cli/bench_run.h"
@@ -41,6 +43,12 @@ class BenchCommand final : public Command {
   }
 
   int Run() override {
+    // The table or JSON owns stdout: the backend's log lines (a VBD per peer
+    // connecting and going) go to stderr with the progress, warnings only.
+    auto logger =
+        std::make_shared<spdlog::logger>("cowtap-bench", std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+    logger->set_level(spdlog::level::warn);
+    spdlog::set_default_logger(logger);
     bench::BenchOptions o;
     if (!size_.empty()) {
       auto size = ParseSize(size_);
