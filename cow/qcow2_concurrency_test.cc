@@ -244,7 +244,7 @@ TEST(ConcurrencyDiscardTest, DiscardRacingWithWritesNeverCorruptsAnotherCluster)
     while (!stop) img->Discard(5 * kCluster, kCluster).IgnoreError();
   });
   std::thread c([&] {
-    for (int round = 0; round < 30 && bad == 0; ++round) {
+    for (int round = 0; round < 15 && bad == 0; ++round) {
       for (uint64_t k = 16; k < 48; ++k) {
         std::vector<uint8_t> buf(kCluster, static_cast<uint8_t>(k + round));
         if (!WriteFill(*img, k * kCluster, buf).ok()) ++bad;
