@@ -34,9 +34,13 @@ TargetCheck RatioTarget(const BenchReport& report, std::string name, std::string
   std::optional<double> r = row ? ThroughputRatio(*row, peer, base) : std::nullopt;
   if (!r || *r <= 0) {
     t.status = TargetStatus::kNotRun;
-    t.detail = row && !row->note.empty()
-                   ? row->note
-                   : fmt::format("row {} has no {} and {} result", row_name, PeerName(peer), PeerName(base));
+    if (row == nullptr) {
+      t.detail = fmt::format("row {} not run (not in --rows)", row_name);
+    } else if (!row->note.empty()) {
+      t.detail = row->note;
+    } else {
+      t.detail = fmt::format("row {} has no {} and {} result", row_name, PeerName(peer), PeerName(base));
+    }
     return t;
   }
   t.measured = in_time ? 1.0 / *r : *r;
