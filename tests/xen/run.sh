@@ -17,6 +17,7 @@
 #   unpacked into the work dir (never installed on the host).
 # Exit: 0 all passed, 1 something failed, 77 a prerequisite is missing.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
 src=$(cd "$(dirname "$0")/../.." && pwd)
 build=$(realpath "${1:?usage: $0 <build-dir> [work-dir]}")
 work=${2:-$build/xen-e2e}
@@ -54,6 +55,9 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
     skip "cannot install ${missing[*]}"
 fi
+for tool in qemu-system-x86_64 qemu-img busybox cpio mkfs.ext4 debugfs strings apt-get dpkg-deb; do
+  command -v "$tool" >/dev/null || skip "$tool not found"
+done
 xenbin=/usr/lib/xen-4.17/bin
 [[ -f /boot/xen-4.17-amd64.gz && -x $xenbin/xl ]] || skip "xen-hypervisor-4.17-amd64 / xen-utils-4.17 incomplete"
 mkdir -p debs stage
