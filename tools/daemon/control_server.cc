@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -120,20 +121,17 @@ class ControlServer::Loop {
       }
       if (cred.uid != 0 && cred.uid != ::geteuid()) {
         if (limiter_.Allow()) spdlog::warn("control: refused pid {} uid {}: not root", cred.pid, cred.uid);
-        SendAndForget(fd, ErrorReply(wire::kPermissionDenied,
-                                     fmt::format("uid {} may not control cowtapd; run cowtap ctl as root", cred.uid)));
-        Refuse(fd);
+        Refuse(fd, ErrorReply(wire::kPermissionDenied,
+                              fmt::format("uid {} may not control cowtapd; run cowtap ctl as root", cred.uid)));
         continue;
       }
       if (clients_.size() >= s_.options_.max_clients) {
         if (limiter_.Allow()) {
           spdlog::warn("control: refused pid {}: already {} control connections", cred.pid, clients_.size());
         }
-        SendAndForget(fd, ErrorReply(wire::kTooManyClients,
-                                     fmt::format("cowtapd already serves {} control connections; close some "
-                                                 "(e.g. stats --watch) and retry",
-                                                 clients_.size())));
-        Refuse(fd);
+        Refuse(fd, ErrorReply(wire::kTooManyClients, fmt::format("cowtapd already serves {} control connections; "
+                                                                 "close some (e.g. stats --watch) and retry",
+                                                                 clients_.size())));
         continue;
       }
       auto c = std::make_unique<Client>();
@@ -146,9 +144,11 @@ class ControlServer::Loop {
     }
   }
 
-  void Refuse(int fd) {
-    ::close(fd);
+  // Counted before the peer can see the reply, so the counter never lags it.
+  void Refuse(int fd, std::optional<ControlReply> why = std::nullopt) {
     s_.dropped_.fetch_add(1, std::memory_order_relaxed);
+    if (why) SendAndForget(fd, *why);
+    ::close(fd);
   }
 
   void Handle(Client& c, short revents) {

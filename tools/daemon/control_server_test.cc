@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -548,9 +549,14 @@ TEST_F(ControlServerTest, AnotherUserIsRefusedEvenIfTheFileModeLetsItIn) {
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     ::close(pipefd[0]);
-    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(2);
+    auto fail = [&](const char* why, int code) {
+      const std::string m = std::string(why) + ": " + std::strerror(errno);
+      ssize_t n = ::write(pipefd[1], m.data(), m.size());
+      ::_exit(n >= 0 ? code : 4);
+    };
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) fail("setuid", 2);
     Conn c(path_);
-    if (!c.connected()) ::_exit(3);
+    if (!c.connected()) fail("connect", 3);
     c.Send("{\"cmd\":\"list\"}\n");
     std::string line = c.ReadLine().value_or("<none>");
     ssize_t n = ::write(pipefd[1], line.data(), line.size());
@@ -565,7 +571,7 @@ TEST_F(ControlServerTest, AnotherUserIsRefusedEvenIfTheFileModeLetsItIn) {
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFEXITED(status));
-  ASSERT_EQ(WEXITSTATUS(status), 0);
+  ASSERT_EQ(WEXITSTATUS(status), 0) << got;
   auto r = DecodeReply(got);
   ASSERT_TRUE(r.ok()) << got;
   EXPECT_EQ(r->code, "permission_denied");
