@@ -53,6 +53,9 @@ std::string Percent(std::optional<double> fraction) {
   return fmt::format("{:.1f}", *fraction * 100.0);
 }
 
+// "97.9%", or "n/a" when nothing was counted.
+std::string PercentText(std::optional<double> fraction) { return fraction ? Percent(fraction) + "%" : "n/a"; }
+
 std::optional<double> Ratio(uint64_t part, uint64_t whole) {
   if (whole == 0) return std::nullopt;
   return static_cast<double>(part) / static_cast<double>(whole);
@@ -150,10 +153,11 @@ std::string FormatVbdDetails(const daemon::VbdStatsSnapshot& s) {
   line("queues:", fmt::format("{} ({} requests in flight)", s.queues, s.queue_depth));
   line("latency p50:", FormatLatencyUs(HistogramPercentileUs(s.latency_us_log2, 0.50)));
   line("latency p99:", FormatLatencyUs(HistogramPercentileUs(s.latency_us_log2, 0.99)));
-  line("remap cache:", fmt::format("{} lookups, {}% hits, {:.2f} mean probe", s.remap_lookups,
-                                   Percent(Ratio(s.remap_hits, s.remap_lookups)), s.remap_mean_probe));
-  line("fast path:", fmt::format("{}% of {} I/Os", Percent(Ratio(s.fast_path_ios, s.fast_path_ios + s.slow_path_ios)),
-                                 s.fast_path_ios + s.slow_path_ios));
+  line("remap cache:", fmt::format("{} lookups, {} hits, {:.2f} mean probe", s.remap_lookups,
+                                   PercentText(Ratio(s.remap_hits, s.remap_lookups)), s.remap_mean_probe));
+  line("fast path:",
+       fmt::format("{} of {} I/Os", PercentText(Ratio(s.fast_path_ios, s.fast_path_ios + s.slow_path_ios)),
+                   s.fast_path_ios + s.slow_path_ios));
   line("allocations:", std::to_string(s.allocations));
   line("memory:", fmt::format("{} MiB", Mib(s.memory_bytes)));
   return out;

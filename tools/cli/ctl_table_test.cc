@@ -171,6 +171,8 @@ TEST(CtlTableTest, DetailsNameEveryFigure) {
   EXPECT_NE(d.find("42"), std::string::npos);
   EXPECT_NE(d.find("9 requests in flight"), std::string::npos);
   EXPECT_NE(d.find("ms"), std::string::npos) << "p50 in [1024, 2048) us: " << d;
+  EXPECT_NE(d.find("n/a of 0 I/Os"), std::string::npos) << "no fast-path figures: " << d;
+  EXPECT_EQ(d.find("-%"), std::string::npos) << d;
 }
 
 TEST(CtlTableTest, LatencyUnits) {
