@@ -11,6 +11,7 @@ packages=(
   qemu-utils clang libclang-rt-14-dev
   libsystemd-dev
   libnbd-bin fio
+  libdevmapper-dev
 )
 
 missing=()

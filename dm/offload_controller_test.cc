@@ -1,0 +1,143 @@
+#include "dm/offload_controller.h"
+
+#include <gtest/gtest.h>
+
+namespace cowtap::dm {
+namespace {
+
+using namespace std::chrono_literals;
+using K = DmSegment::Kind;
+constexpr uint32_t kCluster = 65536;
+constexpr uint64_t kSpc = kCluster / 512;
+
+TEST(ReloadSchedulerTest, CountBoundDelayBoundAndRateBound) {
+  ReloadScheduler s({/*min_interval=*/100ms, /*max_delay=*/1s, /*max_pending=*/10});
+  const Clock::time_point t0{};
+  EXPECT_FALSE(s.ShouldReload(t0));  // nothing pending
+  s.NoteChanges(t0, 3);
+  EXPECT_FALSE(s.ShouldReload(t0 + 500ms));  // few, young
+  EXPECT_TRUE(s.ShouldReload(t0 + 1s));      // oldest waited max_delay
+  s.NoteChanges(t0 + 500ms, 7);
+  EXPECT_TRUE(s.ShouldReload(t0 + 500ms));  // count reached
+  s.NoteReloaded(t0 + 500ms);
+  EXPECT_EQ(s.pending(), 0u);
+  s.NoteChanges(t0 + 510ms, 50);
+  EXPECT_FALSE(s.ShouldReload(t0 + 550ms));  // rate bound: too soon after the last reload
+  EXPECT_TRUE(s.ShouldReload(t0 + 600ms));
+  s.NoteChanges(t0 + 600ms, 0);  // zero changes change nothing
+  EXPECT_EQ(s.pending(), 50u);
+  s.NoteChanges(t0, UINT64_MAX);  // saturates
+  EXPECT_EQ(s.pending(), UINT64_MAX);
+}
+
+class ControllerTest : public ::testing::Test {
+ protected:
+  ControllerTest()
+      : planner_(*OffloadPlanner::Make({16 * kCluster, kCluster, 4096})),
+        ctl_(dm_, "cowtap-1", devs_, planner_, [this] { return known_; },
+             {/*min_interval=*/100ms, /*max_delay=*/1s, /*max_pending=*/4}, [this] { return now_; }) {}
+
+  FakeDeviceMapper dm_;
+  DmDevices devs_{"/dev/loop7", "/dev/nbd2"};
+  OffloadPlanner planner_;
+  std::vector<WritableCluster> known_;
+  Clock::time_point now_{};
+  OffloadController ctl_;
+};
+
+TEST_F(ControllerTest, StartsAllMissThenReloadsWhatIsKnown) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  EXPECT_EQ(*dm_.LiveTable("cowtap-1"), DmTable::AllMiss(16 * kSpc));
+  EXPECT_EQ(ctl_.Start().code(), ErrorCode::kBusy);
+  known_ = {{2, 20 * kCluster}, {3, 21 * kCluster}};
+  auto r = ctl_.ReloadNow();
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(*r);
+  DmTable live = *dm_.LiveTable("cowtap-1");
+  EXPECT_EQ(live, ctl_.live_table());
+  EXPECT_EQ(live.linear_sectors(), 2 * kSpc);
+  EXPECT_EQ(live.SegmentAt(2 * kSpc), (DmSegment{2 * kSpc, 2 * kSpc, K::kLinear, 20 * kSpc}));
+  // Same knowledge: no reload.
+  r = ctl_.ReloadNow();
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(*r);
+  EXPECT_EQ(dm_.reloads(), 2u);
+  // The calls were load, suspend, resume each time.
+  auto calls = dm_.calls();
+  ASSERT_EQ(calls.size(), 7u);
+  EXPECT_EQ(calls[0].kind, FakeDeviceMapper::Call::kCreate);
+  EXPECT_EQ(calls[4].kind, FakeDeviceMapper::Call::kLoad);
+  EXPECT_EQ(calls[4].table_text,
+            "0 256 linear /dev/nbd2 0\n256 256 linear /dev/loop7 2560\n512 1536 linear /dev/nbd2 512\n");
+  EXPECT_EQ(calls[5].kind, FakeDeviceMapper::Call::kSuspend);
+  EXPECT_EQ(calls[6].kind, FakeDeviceMapper::Call::kResume);
+  ASSERT_TRUE(ctl_.Stop().ok());
+  EXPECT_FALSE(dm_.LiveTable("cowtap-1").has_value());
+}
+
+TEST_F(ControllerTest, NoteChangesReloadsInBatches) {
+  ASSERT_TRUE(ctl_.Start().ok());  // counts as a reload at now_ = 0
+  known_ = {{1, 10 * kCluster}};
+  now_ += 200ms;
+  EXPECT_FALSE(*ctl_.NoteChanges(1));
+  EXPECT_FALSE(*ctl_.NoteChanges(2));
+  EXPECT_EQ(dm_.reloads(), 1u);
+  EXPECT_TRUE(*ctl_.NoteChanges(1));  // the 4th change
+  EXPECT_EQ(dm_.reloads(), 2u);
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), kSpc);
+  // Right after: rate bound holds it back, the delay bound lets it through.
+  known_.push_back({2, 11 * kCluster});
+  EXPECT_FALSE(*ctl_.NoteChanges(10));
+  now_ += 2s;
+  EXPECT_TRUE(*ctl_.NoteChanges(1));
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), 2 * kSpc);
+}
+
+TEST_F(ControllerTest, RevokeIsLiveBeforeItReturnsAndIgnoresTheRateBound) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  known_ = {{4, 40 * kCluster}, {5, 41 * kCluster}, {6, 42 * kCluster}};
+  ASSERT_TRUE(ctl_.ReloadNow().ok());
+  const uint64_t before = dm_.reloads();
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(5, 1).ok());  // same instant as the reload
+  EXPECT_EQ(dm_.reloads(), before + 1);
+  DmTable live = *dm_.LiveTable("cowtap-1");
+  EXPECT_EQ(live.SegmentAt(5 * kSpc).kind, K::kMiss);
+  EXPECT_EQ(live.SegmentAt(4 * kSpc).kind, K::kLinear);
+  EXPECT_EQ(live.SegmentAt(6 * kSpc), (DmSegment{6 * kSpc, kSpc, K::kLinear, 42 * kSpc}));
+  // Already miss: no reload.
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(5, 1).ok());
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(10, 3).ok());
+  EXPECT_EQ(dm_.reloads(), before + 1);
+  EXPECT_EQ(ctl_.stats().revokes, 3u);
+  EXPECT_EQ(ctl_.stats().revokes_without_reload, 2u);
+  // Huge ranges do not overflow.
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(0, UINT64_MAX).ok());
+  EXPECT_EQ(*dm_.LiveTable("cowtap-1"), DmTable::AllMiss(16 * kSpc));
+}
+
+TEST_F(ControllerTest, FailedReloadKeepsTheOldTableAndReportsIt) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  known_ = {{4, 40 * kCluster}};
+  ASSERT_TRUE(ctl_.ReloadNow().ok());
+  dm_.FailNext(FakeDeviceMapper::Call::kSuspend);
+  Status s = ctl_.RevokeBeforeReuse(4, 1);
+  EXPECT_EQ(s.code(), ErrorCode::kIoError);  // the engine must not reuse the cluster
+  EXPECT_EQ(ctl_.live_table().SegmentAt(4 * kSpc).kind, K::kLinear);
+  // The device is not left suspended.
+  auto st = dm_.GetStatus("cowtap-1");
+  ASSERT_TRUE(st.ok());
+  EXPECT_FALSE(st->suspended);
+  // Retried, it goes through.
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(4, 1).ok());
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), 0u);
+}
+
+TEST_F(ControllerTest, ABrokenSourceIsRefusedNotLoaded) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  known_ = {{99, 0}};
+  EXPECT_EQ(ctl_.ReloadNow().status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(*dm_.LiveTable("cowtap-1"), DmTable::AllMiss(16 * kSpc));
+}
+
+}  // namespace
+}  // namespace cowtap::dm
