@@ -114,7 +114,7 @@ TEST_F(CowtapdProcessTest, SigtermUnderLoadDrainsAndLeavesACleanImage) {
                   P("d.log"));
   ASSERT_TRUE(WaitFor([&] { return d.Log().find("cowtapd ready") != std::string::npos; }, 10000)) << d.Log();
   auto guest = blkif_test::GuestProcess::Start({"--socket", P("sim.sock"), "--domid", "3", "--devid", "51712",
-                                                "--duration-ms", "20000", "--qd", "16", "--initial", "zero"});
+                                                "--ops", "0", "--duration-ms", "20000", "--qd", "16", "--initial", "zero"});
   ASSERT_TRUE(guest.ok());
   ASSERT_TRUE(WaitFor([&] { return d.Log().find("connected (") != std::string::npos; }, 10000)) << d.Log();
   std::this_thread::sleep_for(700ms);  // under load

@@ -105,6 +105,12 @@ void Daemon::Shutdown() {
     Wake();
     watcher_.join();
   }
+  std::vector<std::string> exported;
+  {
+    std::lock_guard lock(exports_mu_);
+    for (const auto& [address, e] : exports_) exported.push_back(address);
+  }
+  for (const auto& address : exported) Unexport(address).IgnoreError();
   std::vector<std::shared_ptr<ManagedVbd>> all;
   {
     std::lock_guard lock(mu_);
@@ -410,14 +416,62 @@ Status Daemon::SetLogLevel(const std::string& level) {
 }
 
 Result<std::string> Daemon::Export(const std::string& what, const std::string& address, bool read_only) {
-  (void)what;
-  (void)address;
-  (void)read_only;
-  return Status::NotSupported("NBD export is not available in this build of cowtapd yet");
+  if (what.empty()) return Status::InvalidArgument("export needs a VBD id (domid/devid) or an image path");
+  std::shared_ptr<backend::BlockDevice> device;
+  std::shared_ptr<cow::Image> image;
+  if (what.front() != '/' && ParseVbdId(what).ok()) {
+    auto vbd = Find(what);
+    if (!vbd) return Status::NotFound(fmt::format("no VBD {} (see `cowtap ctl list`)", what));
+    device = vbd->device();
+    if (!device) return Status::NotFound(fmt::format("VBD {} is not serving (state {})", what, vbd->Snapshot().state));
+  } else {
+    cow::OpenOptions open = options_.open;
+    open.read_only = read_only;
+    if (open.fs == nullptr) open.fs = LockingFileSystem();
+    auto opened = cow::OpenImage(what, open);
+    if (!opened.ok()) return opened.status().Annotate("export " + what);
+    image = std::move(opened).value();
+    backend::ImageDeviceOptions device_options;
+    device_options.read_only = read_only;
+    device = backend::NewImageBlockDevice(image, device_options);
+  }
+  backend::NbdServerOptions nbd;
+  nbd.address = address;
+  nbd.export_name = what;
+  nbd.description = "cowtapd export of " + what;
+  nbd.read_only = read_only;
+  auto server = backend::NbdServer::Start(device, nbd);
+  if (!server.ok()) {
+    if (image) image->Close().IgnoreError();
+    return server.status().Annotate("export " + what);
+  }
+  const std::string bound = (*server)->address();
+  std::lock_guard lock(exports_mu_);
+  if (exports_.count(bound)) {
+    return Status::Busy(fmt::format("{} is already exported (unexport it first)", bound));
+  }
+  spdlog::info("exporting {} over NBD at {}{}", what, bound, read_only ? " (read-only)" : "");
+  exports_.emplace(bound, ExportEntry{std::move(server).value(), std::move(image)});
+  return bound;
 }
 
 Status Daemon::Unexport(const std::string& address) {
-  return Status::NotFound(fmt::format("nothing is exported at {}", address));
+  ExportEntry entry;
+  {
+    std::lock_guard lock(exports_mu_);
+    auto it = exports_.find(address);
+    if (it == exports_.end()) return Status::NotFound(fmt::format("nothing is exported at {}", address));
+    entry = std::move(it->second);
+    exports_.erase(it);
+  }
+  entry.server->Stop();
+  entry.server.reset();
+  if (entry.image) {
+    Status s = entry.image->Close();
+    if (!s.ok()) return s.Annotate("closing the exported image");
+  }
+  spdlog::info("NBD export at {} stopped", address);
+  return Status::Ok();
 }
 
 }  // namespace cowtap::daemon

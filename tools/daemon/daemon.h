@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "backend/nbd_server.h"
 #include "backend/vbd.h"
 #include "cow/image.h"
 #include "tools/daemon/control.h"
@@ -125,6 +126,14 @@ class Daemon final : public DaemonControl {
   std::set<Key> retired_;      // GUARDED_BY(mu_)
   // Directories Attach wrote (we are the toolstack for those).
   std::set<Key> sim_owned_;    // GUARDED_BY(mu_)
+  // NBD exports by the address they are bound to; the image is ours when
+  // an image path (not a VBD) was exported.
+  struct ExportEntry {
+    std::unique_ptr<backend::NbdServer> server;
+    std::shared_ptr<cow::Image> image;
+  };
+  std::mutex exports_mu_;
+  std::map<std::string, ExportEntry> exports_;  // GUARDED_BY(exports_mu_)
   // Entries out of the table whose worker is still finishing.
   std::vector<std::shared_ptr<ManagedVbd>> stopping_;  // GUARDED_BY(mu_)
 };

@@ -121,6 +121,7 @@ void ManagedVbd::Run() {
   final_ = std::move(last);
   vbd_.reset();
   std::shared_ptr<cow::Image> image = std::move(image_);
+  device_.reset();
   lock.unlock();
   vbd.reset();  // the Vbd (and with it the device) goes when no Pause/Stats call holds it
   if (image) {
@@ -164,6 +165,7 @@ Status ManagedVbd::Open() {
     std::lock_guard lock(mu_);
     format_ = std::string(cow::FormatName(image->info().format));
     image_ = std::move(image);
+    device_ = std::move(device);
     vbd_ = std::move(vbd).value();
     phase_ = Phase::kServing;
   }
@@ -188,6 +190,11 @@ void ManagedVbd::Fail(const Status& why) {
     phase_ = Phase::kFailed;
   }
   cv_.notify_all();
+}
+
+std::shared_ptr<backend::BlockDevice> ManagedVbd::device() const {
+  std::lock_guard lock(mu_);
+  return device_;
 }
 
 VbdStatsSnapshot ManagedVbd::Snapshot() const {
@@ -230,9 +237,11 @@ VbdStatsSnapshot ManagedVbd::Snapshot() const {
   s.queue_depth = static_cast<uint32_t>(v.in_flight);
   s.latency_us_log2 = v.latency_us_log2;
   s.memory_bytes = v.mapped_pages * xen::kPageSize;
-  // The engine does not count fast-path / slow-path I/O or allocations yet:
-  // those fields stay 0.
   if (image) {
+    const cow::ImageIoStats io = image->io_stats();  // documented as readable racily
+    s.fast_path_ios = io.fast_reads + io.fast_writes;
+    s.slow_path_ios = io.slow_reads + io.slow_writes;
+    s.allocations = io.allocations;
     // RemapCache::Stats() is documented as readable while I/O runs.
     if (cow::RemapCache* cache = image->remap_cache()) {
       const cow::RemapCacheStats r = cache->Stats();

@@ -72,6 +72,10 @@ class ManagedVbd {
   Status Pause();
   Status Resume();
   VbdStatsSnapshot Snapshot() const;
+  // The device the VBD serves (for an NBD export), or null unless serving.
+  // After the VBD detaches, the image is closed and I/O through a device
+  // still held fails.
+  std::shared_ptr<backend::BlockDevice> device() const;
 
  private:
   void Run();
@@ -90,6 +94,7 @@ class ManagedVbd {
   Status error_;                           // GUARDED_BY(mu_)
   std::string image_path_, format_;        // GUARDED_BY(mu_)
   std::shared_ptr<cow::Image> image_;      // GUARDED_BY(mu_)
+  std::shared_ptr<backend::BlockDevice> device_;  // GUARDED_BY(mu_)
   std::shared_ptr<backend::Vbd> vbd_;      // GUARDED_BY(mu_)
   VbdStatsSnapshot final_;                 // GUARDED_BY(mu_): figures at detach
   std::thread thread_;
