@@ -19,8 +19,11 @@
 //     scatter-gather I/O per contiguous host extent without taking mu_.
 //   * Slow path: mu_ is held only to resolve clusters (LookupCluster), fill
 //     the remap cache and reserve clusters for allocating writes; data I/O
-//     (including the merged copy-on-write head/tail of an allocation) runs
-//     after mu_ is released. A reserved allocation is recorded in inflight_
+//     (including the write of an allocation, copy-on-write head/tail merged
+//     with the guest data) runs after mu_ is released. The head/tail are
+//     still read under mu_ (synchronously). Subcluster (extended L2) and
+//     external-data-file images allocate synchronously under mu_; their
+//     fast path works as for others. A reserved allocation is recorded in inflight_
 //     until its data is written and its L2 entries are linked; writes to a
 //     cluster in flight wait for it (no double allocation), discard and
 //     write-zeroes wait for in-flight allocations in their range.
