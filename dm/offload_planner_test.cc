@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <cstdlib>
 #include <filesystem>
 
 namespace cowtap::dm {
@@ -141,6 +142,37 @@ TEST_F(PlannerImageTest, CollectsOnlyTopLayerWritableClusters) {
   ASSERT_TRUE(opts.ok()) << opts.status().ToString();
   EXPECT_EQ(opts->cluster_size, kCluster);
   EXPECT_EQ(opts->disk_size_bytes, 16 * kCluster);
+}
+
+TEST_F(PlannerImageTest, ClustersSharedWithASnapshotAreNotOffloadedUntilCopied) {
+  if (std::system("qemu-img --version >/dev/null 2>&1") != 0) GTEST_SKIP() << "qemu-img not installed";
+  cow::CreateOptions co;
+  co.size_bytes = 8 * kCluster;
+  const std::string path = dir_ + "/snap.qcow2";
+  ASSERT_TRUE(cow::CreateImage(path, co).ok());
+  std::vector<uint8_t> buf(kCluster, 0x11);
+  iovec v{buf.data(), buf.size()};
+  {
+    auto img = cow::OpenImage(path);
+    ASSERT_TRUE(img.ok());
+    ASSERT_TRUE((*img)->Write(2 * kCluster, {&v, 1}).ok());
+    ASSERT_TRUE((*img)->Close().ok());
+  }
+  // An internal snapshot raises cluster 2's refcount to 2: not writable in place.
+  ASSERT_EQ(std::system(("qemu-img snapshot -c s1 '" + path + "' >/dev/null 2>&1").c_str()), 0);
+  auto img = cow::OpenImage(path);
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  ASSERT_TRUE((*img)->Read(2 * kCluster, {&v, 1}).ok());
+  EXPECT_TRUE(CollectWritableClusters(**img).empty());
+  auto planner = OffloadPlanner::Make(*OffloadPlanner::OptionsFor(**img));
+  ASSERT_TRUE(planner.ok());
+  EXPECT_EQ(planner->Plan(CollectWritableClusters(**img))->linear_sectors(), 0u);
+  // A write copies it to a cluster of its own: now it may go linear.
+  ASSERT_TRUE((*img)->Write(2 * kCluster, {&v, 1}).ok());
+  std::vector<WritableCluster> c = CollectWritableClusters(**img);
+  ASSERT_EQ(c.size(), 1u);
+  EXPECT_EQ(c[0].virtual_cluster, 2u);
+  ASSERT_TRUE((*img)->Close().ok());
 }
 
 TEST_F(PlannerImageTest, OptionsForRefusesRawAndReadOnly) {
