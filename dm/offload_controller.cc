@@ -38,8 +38,12 @@ Status OffloadController::ApplyLocked(const DmTable& table) {
   const auto t0 = Clock::now();
   Status s = ReloadTable(dm_, name_, table, devices_);
   stats_.reload_time += Clock::now() - t0;
-  if (!s.ok()) return s;
+  if (!s.ok()) {
+    live_uncertain_ = true;
+    return s;
+  }
   live_ = table;
+  live_uncertain_ = false;
   ++stats_.reloads;
   stats_.linear_sectors = table.linear_sectors();
   stats_.segments = table.segments().size();
@@ -65,7 +69,7 @@ Result<bool> OffloadController::ReloadNow() {
   std::lock_guard lock(mu_);
   if (!started_) return Status::InvalidArgument(fmt::format("offload {} not started", name_));
   COWTAP_ASSIGN_OR_RETURN(DmTable table, planner_.Plan(source_()));
-  if (table == live_) {
+  if (table == live_ && !live_uncertain_) {
     scheduler_.NoteReloaded(now_());
     return false;
   }
@@ -90,7 +94,7 @@ Status OffloadController::RevokeBeforeReuse(uint64_t first_cluster, uint64_t cou
   const uint64_t first_sector = MulU64(first_cluster, spc).value_or(UINT64_MAX);
   const uint64_t sectors = MulU64(count, spc).value_or(UINT64_MAX);
   DmTable table = live_.WithMiss(first_sector, sectors);
-  if (table == live_) {
+  if (table == live_ && !live_uncertain_) {
     ++stats_.revokes_without_reload;
     return Status::Ok();
   }

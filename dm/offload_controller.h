@@ -115,6 +115,9 @@ class OffloadController : public RemapRevoker {
   ReloadScheduler scheduler_;  // GUARDED_BY(mu_)
   DmTable live_;               // GUARDED_BY(mu_)
   bool started_ = false;       // GUARDED_BY(mu_)
+  // A reload failed after its Load: the kernel may run either table, so
+  // live_ is not trusted to say a range is already miss.
+  bool live_uncertain_ = false;  // GUARDED_BY(mu_)
   OffloadStats stats_;         // GUARDED_BY(mu_)
 };
 

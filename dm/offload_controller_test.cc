@@ -132,6 +132,21 @@ TEST_F(ControllerTest, FailedReloadKeepsTheOldTableAndReportsIt) {
   EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), 0u);
 }
 
+TEST_F(ControllerTest, AfterAFailedResumeARevokeNeverTrustsItsOwnTable) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  known_ = {{4, 40 * kCluster}};
+  dm_.FailNext(FakeDeviceMapper::Call::kResume);
+  // The first resume fails, the retry swaps the table in: the kernel runs
+  // cluster 4 linear although the reload reported an error.
+  EXPECT_FALSE(ctl_.ReloadNow().ok());
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->SegmentAt(4 * kSpc).kind, K::kLinear);
+  EXPECT_EQ(ctl_.live_table().SegmentAt(4 * kSpc).kind, K::kMiss);
+  // The controller's table says 4 is miss already, but the revoke reloads.
+  ASSERT_TRUE(ctl_.RevokeBeforeReuse(4, 1).ok());
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->SegmentAt(4 * kSpc).kind, K::kMiss);
+  EXPECT_EQ(ctl_.stats().revokes_without_reload, 0u);
+}
+
 TEST_F(ControllerTest, ABrokenSourceIsRefusedNotLoaded) {
   ASSERT_TRUE(ctl_.Start().ok());
   known_ = {{99, 0}};
