@@ -83,9 +83,7 @@ class RingServer::Impl {
   void Wake();
   // Ring thread: while paused, tells Pause() once nothing is in flight.
   void ReportPauseState();
-  void UpdateInFlight() {
-    stats_.in_flight.store(in_flight_.size() + (held_ ? 1 : 0), std::memory_order_relaxed);
-  }
+  void UpdateInFlight() { stats_.in_flight.store(in_flight_.size() + (held_ ? 1 : 0), std::memory_order_relaxed); }
   void LogGuestError(const Status& status);
 
   std::unique_ptr<xen::GrantTable> grants_;

@@ -172,7 +172,7 @@ class Vbd {
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<RingServer>> servers_;  // GUARDED_BY(mu_)
   std::string last_error_;                            // GUARDED_BY(mu_)
-  VbdStats retired_;  // counters of rings already stopped; GUARDED_BY(mu_)
+  VbdStats retired_;                                  // counters of rings already stopped; GUARDED_BY(mu_)
 };
 
 }  // namespace cowtap::backend

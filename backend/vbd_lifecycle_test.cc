@@ -159,8 +159,8 @@ TEST_F(VbdLifecycleTest, PauseHoldsRequestsAndFlushesResumeServesThem) {
   EXPECT_TRUE(vbd_->paused());
   auto durable = device_->DurableContents();
   EXPECT_TRUE(std::equal(out.begin(), out.end(), durable.begin() + 16 * 512)) << "Pause flushes the device";
-  ASSERT_TRUE(front_->Submit({.op = xen::BlkOp::kRead, .sector = 16, .nr_sectors = 8, .buffer = in.data(), .cookie = 77})
-                  .ok());
+  ASSERT_TRUE(
+      front_->Submit({.op = xen::BlkOp::kRead, .sector = 16, .nr_sectors = 8, .buffer = in.data(), .cookie = 77}).ok());
   std::vector<xen::BlkCompletion> done;
   auto polled = front_->Poll(&done, 200);
   ASSERT_TRUE(polled.ok()) << polled.status().ToString();
@@ -202,8 +202,8 @@ TEST_F(VbdLifecycleTest, PauseWhileDisconnectedPausesTheNextConnection) {
   ASSERT_TRUE(vbd_->Pause().ok());
   ASSERT_NO_FATAL_FAILURE(AttachFront());  // the handshake itself is not paused
   std::vector<uint8_t> in(4096);
-  ASSERT_TRUE(front_->Submit({.op = xen::BlkOp::kRead, .sector = 0, .nr_sectors = 8, .buffer = in.data(), .cookie = 5})
-                  .ok());
+  ASSERT_TRUE(
+      front_->Submit({.op = xen::BlkOp::kRead, .sector = 0, .nr_sectors = 8, .buffer = in.data(), .cookie = 5}).ok());
   std::vector<xen::BlkCompletion> done;
   ASSERT_TRUE(front_->Poll(&done, 200).ok());
   EXPECT_TRUE(done.empty());

@@ -2,11 +2,11 @@
 // creates under its backend type(s), takes commands on a control socket
 // (`cowtap ctl`), stops cleanly on SIGTERM. Thin: flags -> Daemon,
 // ControlServer, InstanceLock (tools/daemon/).
-#include <CLI/CLI.hpp>
+#include <signal.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdlib>
 #include <iostream>
-#include <signal.h>
 
 #include "base/log.h"
 #include "tools/daemon/control_server.h"

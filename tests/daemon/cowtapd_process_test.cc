@@ -14,9 +14,9 @@
 #include <sstream>
 #include <thread>
 
+#include "cow/image.h"
 #include "tests/blkif/guest_process.h"
 #include "tests/daemon/daemon_rig.h"
-#include "cow/image.h"
 
 namespace cowtap::daemon_test {
 namespace {
@@ -109,12 +109,12 @@ TEST_F(CowtapdProcessTest, SigtermUnderLoadDrainsAndLeavesACleanImage) {
   over.backing_file = "base.qcow2";
   over.lazy_refcounts = true;  // the dirty bit is set while serving
   ASSERT_TRUE(cow::CreateImage(P("vm.qcow2"), over).ok());
-  DaemonProcess d({"--platform", "sim", "--sim-socket", P("sim.sock"), "--control-socket", P("ctl.sock"),
-                   "--attach", "3:51712:" + P("vm.qcow2") + ":qcow2"},
+  DaemonProcess d({"--platform", "sim", "--sim-socket", P("sim.sock"), "--control-socket", P("ctl.sock"), "--attach",
+                   "3:51712:" + P("vm.qcow2") + ":qcow2"},
                   P("d.log"));
   ASSERT_TRUE(WaitFor([&] { return d.Log().find("cowtapd ready") != std::string::npos; }, 10000)) << d.Log();
-  auto guest = blkif_test::GuestProcess::Start({"--socket", P("sim.sock"), "--domid", "3", "--devid", "51712",
-                                                "--ops", "0", "--duration-ms", "20000", "--qd", "16", "--initial", "zero"});
+  auto guest = blkif_test::GuestProcess::Start({"--socket", P("sim.sock"), "--domid", "3", "--devid", "51712", "--ops",
+                                                "0", "--duration-ms", "20000", "--qd", "16", "--initial", "zero"});
   ASSERT_TRUE(guest.ok());
   ASSERT_TRUE(WaitFor([&] { return d.Log().find("connected (") != std::string::npos; }, 10000)) << d.Log();
   std::this_thread::sleep_for(700ms);  // under load

@@ -51,10 +51,12 @@ TEST(DaemonE2eTest, SixtyFourVbdsServeConcurrentlyWithVerifiedData) {
     guests.push_back(std::move(g).value());
   }
   // While they run, every VBD is connected or getting there.
-  EXPECT_TRUE(WaitFor([&] {
-    auto list = r.daemon().List();
-    return std::count_if(list.begin(), list.end(), [](const auto& s) { return s.writes > 0; }) >= 8;
-  }, 30000));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        auto list = r.daemon().List();
+        return std::count_if(list.begin(), list.end(), [](const auto& s) { return s.writes > 0; }) >= 8;
+      },
+      30000));
   int passed = 0;
   for (auto& g : guests) {
     GuestOutcome o = g.Wait(50s);
@@ -83,13 +85,14 @@ TEST(DaemonE2eTest, AttachDetachCyclesLeakNoFdsGrantsOrMemory) {
   for (int i = 0; i < kCycles; ++i) {
     // A guest that comes, does I/O and goes (its death detaches the VBD).
     ASSERT_TRUE(r.daemon().Attach(Spec(5, r.Path("g.qcow2"))).ok());
-    GuestOutcome o = blkif_test::RunGuest(
-        r.GuestArgs(5, kXvda, {"--ops", "100", "--qd", "8", "--seed", std::to_string(i)}), 30s);
+    GuestOutcome o =
+        blkif_test::RunGuest(r.GuestArgs(5, kXvda, {"--ops", "100", "--qd", "8", "--seed", std::to_string(i)}), 30s);
     ASSERT_TRUE(o.Passed()) << o.Describe() << "\n" << o.output;
     ASSERT_TRUE(WaitFor([&] { return r.daemon().vbd_count() == 0; })) << "cycle " << i;
     EXPECT_EQ(r.sim().MappedGrantCount(5), 0u);
     // A VBD attached and detached through the control interface.
-    ASSERT_TRUE(r.daemon().Attach(Spec(6, r.Path("g.qcow2"))).ok());
+    Status attached = r.daemon().Attach(Spec(6, r.Path("g.qcow2")));
+    ASSERT_TRUE(attached.ok()) << "cycle " << i << ": " << attached.ToString();
     ASSERT_TRUE(r.daemon().Detach("6/51712").ok());
     EXPECT_EQ(r.BackendKey(6, kXvda, "state"), "<absent>") << "detach removes the toolstack's directories";
     EXPECT_EQ(r.daemon().Stats("6/51712").status().code(), ErrorCode::kNotFound);
@@ -110,13 +113,15 @@ TEST(DaemonE2eTest, PauseResumeUnderLoad) {
   DaemonRig& r = **rig;
   ASSERT_TRUE(r.MakeOverlay("p.qcow2").ok());
   ASSERT_TRUE(r.daemon().Attach(Spec(7, r.Path("p.qcow2"))).ok());
-  auto g = GuestProcess::Start(
-      r.GuestArgs(7, kXvda, {"--ops", "0", "--duration-ms", "6000", "--qd", "16", "--initial", "zero", "--flush-every", "50"}));
+  auto g = GuestProcess::Start(r.GuestArgs(
+      7, kXvda, {"--ops", "0", "--duration-ms", "6000", "--qd", "16", "--initial", "zero", "--flush-every", "50"}));
   ASSERT_TRUE(g.ok());
-  ASSERT_TRUE(WaitFor([&] {
-    auto s = r.daemon().Stats("7/51712");
-    return s.ok() && s->writes > 20;
-  }, 10000));
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto s = r.daemon().Stats("7/51712");
+        return s.ok() && s->writes > 20;
+      },
+      10000));
   for (int i = 0; i < 4; ++i) {
     ASSERT_TRUE(r.daemon().Pause("7/51712").ok());
     auto before = r.daemon().Stats("7/51712");
@@ -147,13 +152,16 @@ TEST(DaemonE2eTest, StatsCarryHistogramRemapCacheAndIdentity) {
   DaemonRig& r = **rig;
   ASSERT_TRUE(r.MakeOverlay("s.qcow2").ok());
   ASSERT_TRUE(r.daemon().Attach(Spec(8, r.Path("s.qcow2"))).ok());
-  auto g = GuestProcess::Start(r.GuestArgs(8, kXvda, {"--ops", "0", "--duration-ms", "1500", "--qd", "4", "--initial", "zero"}));
+  auto g = GuestProcess::Start(
+      r.GuestArgs(8, kXvda, {"--ops", "0", "--duration-ms", "1500", "--qd", "4", "--initial", "zero"}));
   ASSERT_TRUE(g.ok());
   Result<VbdStatsSnapshot> s = Status::NotFound("not yet");
-  EXPECT_TRUE(WaitFor([&] {
-    s = r.daemon().Stats("8/51712");
-    return s.ok() && s->reads > 10 && s->writes > 10;
-  }, 10000));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        s = r.daemon().Stats("8/51712");
+        return s.ok() && s->reads > 10 && s->writes > 10;
+      },
+      10000));
   GuestOutcome o = g->Wait(30s);
   EXPECT_TRUE(o.Passed()) << o.output;
   ASSERT_TRUE(s.ok()) << s.status().ToString();

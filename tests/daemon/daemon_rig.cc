@@ -54,8 +54,9 @@ std::string DaemonRig::BackendKey(xen::DomId domid, uint32_t devid, const std::s
 }
 
 std::vector<std::string> DaemonRig::GuestArgs(xen::DomId domid, uint32_t devid, std::vector<std::string> extra) const {
-  std::vector<std::string> args = {"--socket", socket(), "--domid", std::to_string(domid), "--devid",
-                                   std::to_string(devid), "--ram-pages", "4096", "--grant-entries", "4096"};
+  std::vector<std::string> args = {
+      "--socket", socket(),          "--domid", std::to_string(domid), "--devid", std::to_string(devid), "--ram-pages",
+      "4096",     "--grant-entries", "4096"};
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
 }

@@ -45,8 +45,7 @@ Result<DiskSource> ReadDiskSource(xen::XenStore& store, const std::string& backe
   } else {
     auto params = read("params");
     if (!params.ok()) {
-      return params.status().Annotate(
-          fmt::format("{}: neither 'target' nor 'params' names the image", backend_path));
+      return params.status().Annotate(fmt::format("{}: neither 'target' nor 'params' names the image", backend_path));
     }
     auto parsed = ParseParams(*params);
     if (!parsed.ok()) return parsed.status().Annotate(xen::XsJoin(backend_path, "params"));

@@ -257,8 +257,8 @@ void Daemon::StartVbd(const Key& key, bool sim_owned) {
   if (config.open.fs == nullptr) config.open.fs = LockingFileSystem();
   for (const auto& [other, e] : vbds_) {
     if (other.domid == key.domid && other.devid == key.devid) {
-      spdlog::error("[vbd {}] also present under backend/{}; serving only the one under backend/{}", key.id(),
-                    key.type, other.type);
+      spdlog::error("[vbd {}] also present under backend/{}; serving only the one under backend/{}", key.id(), key.type,
+                    other.type);
       retired_.insert(key);
       return;
     }

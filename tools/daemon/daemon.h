@@ -90,9 +90,7 @@ class Daemon final : public DaemonControl {
     xen::DomId domid;
     uint32_t devid;
     std::string id() const { return std::to_string(domid) + "/" + std::to_string(devid); }
-    bool operator<(const Key& o) const {
-      return std::tie(type, domid, devid) < std::tie(o.type, o.domid, o.devid);
-    }
+    bool operator<(const Key& o) const { return std::tie(type, domid, devid) < std::tie(o.type, o.domid, o.devid); }
   };
   struct Entry {
     Key key;
@@ -123,9 +121,9 @@ class Daemon final : public DaemonControl {
   std::mutex mu_;
   std::map<Key, Entry> vbds_;  // GUARDED_BY(mu_)
   // Detached or failed for good: not restarted while the directory stays.
-  std::set<Key> retired_;      // GUARDED_BY(mu_)
+  std::set<Key> retired_;  // GUARDED_BY(mu_)
   // Directories Attach wrote (we are the toolstack for those).
-  std::set<Key> sim_owned_;    // GUARDED_BY(mu_)
+  std::set<Key> sim_owned_;  // GUARDED_BY(mu_)
   // NBD exports by the address they are bound to; the image is ours when
   // an image path (not a VBD) was exported.
   struct ExportEntry {

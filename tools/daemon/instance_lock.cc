@@ -31,10 +31,10 @@ Result<std::unique_ptr<InstanceLock>> InstanceLock::Acquire(const std::string& c
     if (err == EWOULDBLOCK) {
       std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "?";
       while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-      return Status::Busy(fmt::format(
-          "another cowtapd (pid {}) is running on control socket {} (it holds {}); stop it first or use "
-          "another --control-socket",
-          holder, control_socket, path));
+      return Status::Busy(
+          fmt::format("another cowtapd (pid {}) is running on control socket {} (it holds {}); stop it first or use "
+                      "another --control-socket",
+                      holder, control_socket, path));
     }
     return Status::FromErrno(err, "locking " + path);
   }

@@ -28,8 +28,7 @@ TEST_F(InstanceLockTest, SecondHolderIsRefusedWithThePid) {
   auto second = InstanceLock::Acquire(dir_ + "/ctl.sock");
   ASSERT_FALSE(second.ok());
   EXPECT_EQ(second.status().code(), ErrorCode::kBusy);
-  EXPECT_NE(second.status().message().find(std::to_string(getpid())), std::string::npos)
-      << second.status().message();
+  EXPECT_NE(second.status().message().find(std::to_string(getpid())), std::string::npos) << second.status().message();
 }
 
 TEST_F(InstanceLockTest, ReleasedWhenTheHolderGoes) {

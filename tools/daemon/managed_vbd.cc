@@ -127,6 +127,7 @@ void ManagedVbd::Run() {
   if (image) {
     Status closed = image->Close();
     if (!closed.ok()) spdlog::error("{} closing {}: {}", tag_, image->info().path, closed.ToString());
+    image.reset();  // the file, and with it its lock, goes before we say we are done
   }
   spdlog::info("{} detached", tag_);
   lock.lock();

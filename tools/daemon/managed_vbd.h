@@ -89,14 +89,14 @@ class ManagedVbd {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  Phase phase_ = Phase::kOpening;          // GUARDED_BY(mu_)
-  bool stop_ = false;                      // GUARDED_BY(mu_)
-  Status error_;                           // GUARDED_BY(mu_)
-  std::string image_path_, format_;        // GUARDED_BY(mu_)
-  std::shared_ptr<cow::Image> image_;      // GUARDED_BY(mu_)
+  Phase phase_ = Phase::kOpening;                 // GUARDED_BY(mu_)
+  bool stop_ = false;                             // GUARDED_BY(mu_)
+  Status error_;                                  // GUARDED_BY(mu_)
+  std::string image_path_, format_;               // GUARDED_BY(mu_)
+  std::shared_ptr<cow::Image> image_;             // GUARDED_BY(mu_)
   std::shared_ptr<backend::BlockDevice> device_;  // GUARDED_BY(mu_)
-  std::shared_ptr<backend::Vbd> vbd_;      // GUARDED_BY(mu_)
-  VbdStatsSnapshot final_;                 // GUARDED_BY(mu_): figures at detach
+  std::shared_ptr<backend::Vbd> vbd_;             // GUARDED_BY(mu_)
+  VbdStatsSnapshot final_;                        // GUARDED_BY(mu_): figures at detach
   std::thread thread_;
 };
 

@@ -40,11 +40,8 @@ Status Write(xen::XenStore& xs, const ToolstackDisk& d, xen::XsTransaction tx) {
   };
   for (const auto& [key, value] : be_keys) COWTAP_RETURN_IF_ERROR(xs.Write(xen::XsJoin(be, key), value, tx));
   const std::pair<const char*, std::string> fe_keys[] = {
-      {"backend", be},
-      {"backend-id", "0"},
-      {"virtual-device", std::to_string(d.devid)},
-      {"device-type", "disk"},
-      {"state", "1"},
+      {"backend", be},         {"backend-id", "0"}, {"virtual-device", std::to_string(d.devid)},
+      {"device-type", "disk"}, {"state", "1"},
   };
   for (const auto& [key, value] : fe_keys) COWTAP_RETURN_IF_ERROR(xs.Write(xen::XsJoin(fe, key), value, tx));
   return Status::Ok();
