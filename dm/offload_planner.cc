@@ -119,4 +119,23 @@ std::vector<WritableCluster> CollectWritableClusters(cow::Image& image) {
   return out;
 }
 
+Result<uint64_t> PrimeRemapCache(cow::Image& image, uint64_t max_clusters) {
+  const uint64_t cs = image.info().cluster_size;
+  if (cs == 0) return uint64_t{0};
+  COWTAP_ASSIGN_OR_RETURN(std::vector<cow::Extent> extents, image.Map(0, image.size_bytes()));
+  uint64_t primed = 0;
+  uint8_t sector[kSectorSize];
+  iovec v{sector, sizeof(sector)};
+  for (const cow::Extent& e : extents) {
+    if (e.depth != 0 || !e.data || e.zero || e.compressed || !e.host_offset) continue;
+    const uint64_t end = std::min(AddU64(e.offset, e.length).value_or(UINT64_MAX), image.size_bytes());
+    for (uint64_t c = e.offset / cs; c * cs < end && primed < max_clusters; ++c) {
+      COWTAP_RETURN_IF_ERROR(image.Read(c * cs, {&v, 1}));
+      ++primed;
+    }
+    if (primed >= max_clusters) break;
+  }
+  return primed;
+}
+
 }  // namespace cowtap::dm

@@ -71,4 +71,14 @@ class OffloadPlanner {
 // hold are simply not offloaded (a miss is always safe).
 std::vector<WritableCluster> CollectWritableClusters(cow::Image& image);
 
+// Priming at attach: a freshly opened image's remap cache is empty, so
+// nothing could be offloaded until the guest touched each cluster. This
+// finds the top layer's allocated, uncompressed, non-zero extents with
+// Image::Map and reads one sector of each of their clusters through the
+// engine, which resolves the L2 entry and caches it (kWritable only where
+// qcow2's COPIED flag says refcount 1). At most max_clusters clusters (the
+// remap cache's capacity is the useful bound; more would evict). Returns
+// how many clusters were read. Costs one 512-byte read per cluster.
+Result<uint64_t> PrimeRemapCache(cow::Image& image, uint64_t max_clusters);
+
 }  // namespace cowtap::dm

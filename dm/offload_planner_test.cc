@@ -175,6 +175,47 @@ TEST_F(PlannerImageTest, ClustersSharedWithASnapshotAreNotOffloadedUntilCopied) 
   ASSERT_TRUE((*img)->Close().ok());
 }
 
+TEST_F(PlannerImageTest, PrimingAtAttachFindsTheTopLayersClusters) {
+  cow::CreateOptions bo;
+  bo.size_bytes = 32 * kCluster;
+  ASSERT_TRUE(cow::CreateImage(dir_ + "/base.qcow2", bo).ok());
+  cow::CreateOptions oo;
+  oo.backing_file = "base.qcow2";
+  const std::string top = dir_ + "/top.qcow2";
+  ASSERT_TRUE(cow::CreateImage(top, oo).ok());
+  std::vector<uint8_t> buf(3 * kCluster, 0x77);
+  iovec v{buf.data(), buf.size()};
+  {
+    auto base = cow::OpenImage(dir_ + "/base.qcow2");
+    ASSERT_TRUE(base.ok());
+    ASSERT_TRUE((*base)->Write(20 * kCluster, {&v, 1}).ok());  // backing data: never offloaded
+    ASSERT_TRUE((*base)->Close().ok());
+    auto img = cow::OpenImage(top);
+    ASSERT_TRUE(img.ok());
+    ASSERT_TRUE((*img)->Write(4 * kCluster, {&v, 1}).ok());
+    ASSERT_TRUE((*img)->Write(10 * kCluster + 512, {&v, 1}).ok());  // 10..13, partial ends
+    ASSERT_TRUE((*img)->WriteZeroes(16 * kCluster, kCluster, false).ok());
+    ASSERT_TRUE((*img)->Close().ok());
+  }
+  auto img = cow::OpenImage(top);
+  ASSERT_TRUE(img.ok());
+  EXPECT_TRUE(CollectWritableClusters(**img).empty());  // nothing known yet
+  auto primed = PrimeRemapCache(**img, 1000);
+  ASSERT_TRUE(primed.ok()) << primed.status().ToString();
+  std::vector<uint64_t> got;
+  for (const auto& c : CollectWritableClusters(**img)) got.push_back(c.virtual_cluster);
+  EXPECT_EQ(got, (std::vector<uint64_t>{4, 5, 6, 10, 11, 12, 13}));
+  EXPECT_GE(*primed, 7u);
+  // Bounded.
+  ASSERT_TRUE((*img)->Close().ok());
+  auto again = cow::OpenImage(top);
+  ASSERT_TRUE(again.ok());
+  auto two = PrimeRemapCache(**again, 2);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ(*two, 2u);
+  EXPECT_EQ(CollectWritableClusters(**again).size(), 2u);
+}
+
 TEST_F(PlannerImageTest, OptionsForRefusesRawAndReadOnly) {
   cow::CreateOptions ro;
   ro.format = cow::ImageFormat::kRaw;
