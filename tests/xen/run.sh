@@ -192,7 +192,7 @@ tr -d '\r' < vm.log > vm.txt
 
 # --- host-side checks ---------------------------------------------------------
 stage "host checks"
-passed=0 failed=0
+passed=0 failed=0 skipped=0
 check() {  # check NAME OK DETAIL
   if [[ $2 -eq 1 ]]; then passed=$((passed + 1)); echo "PASS $1 $3"; else failed=$((failed + 1)); echo "FAIL $1 $3"; fi
 }
@@ -205,6 +205,13 @@ done
 declare -A table=()
 for b in $dom0_backends; do
   sed -n "s/^\[$b\] //p" vm.txt > "out/$b.console"
+  if grep -q '^PEER-TIMEOUT' "out/$b.console"; then
+    # The comparison peer (real QEMU) missed libxl's fixed QMP timeout under
+    # TCG load: nothing of cowtap's was tested here, so skip, loudly.
+    skipped=$((skipped + 1))
+    echo "SKIP $b/all $(sed -n 's/^PEER-TIMEOUT //p' "out/$b.console" | head -1)"
+    continue
+  fi
   wl=$(grep -o 'WORKLOAD: [0-9]* passed, [0-9]* failed' "out/$b.console" | tail -1 || true)
   if [[ -n "$wl" && "$wl" == *", 0 failed" ]]; then check "$b/guest_workload" 1 "$wl"; else
     check "$b/guest_workload" 0 "${wl:-no result on the guest console}"
@@ -244,7 +251,7 @@ echo "=== backends side by side (same guest, same VM run; TCG: compare, do not q
 printf '%-8s %12s %12s %14s %14s %10s %11s %12s %9s\n' backend "seq_wr MB/s" "seq_rd MB/s" "4k_rd avg us" "4k_rd p99 us" \
   "fsync ms" "discard ms" "guest errors" "guest s"
 for b in $dom0_backends; do
-  IFS='|' read -r sw sr ra rp fs dc ge gs <<< "${table[$b]}"
+  IFS='|' read -r sw sr ra rp fs dc ge gs <<< "${table[$b]:-}"
   printf '%-8s %12s %12s %14s %14s %10s %11s %12s %9s\n' "$b" "${sw:--}" "${sr:--}" "${ra:--}" "${rp:--}" "${fs:--}" \
     "${dc:--}" "${ge:--}" "${gs:--}"
 done
@@ -253,5 +260,7 @@ echo "=== stages ==="
 for i in "${!stage_names[@]}"; do printf '%-45s %8.1f s\n' "${stage_names[$i]}" "${stage_secs[$i]}"; done
 grep -E '^\[dom0\] STAGE' vm.txt | sed 's/^\[dom0\] STAGE /  dom0: /' || true
 echo
-echo "xen e2e: $passed passed, $failed failed (logs: $work/vm.log, $work/out/)"
+skipnote=""
+[[ $skipped -gt 0 ]] && skipnote=", $skipped peer(s) skipped"
+echo "xen e2e: $passed passed, $failed failed$skipnote (logs: $work/vm.log, $work/out/)"
 [[ $failed -eq 0 ]]
