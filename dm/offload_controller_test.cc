@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <set>
+#include <thread>
+
 namespace cowtap::dm {
 namespace {
 
@@ -152,6 +156,51 @@ TEST_F(ControllerTest, ABrokenSourceIsRefusedNotLoaded) {
   known_ = {{99, 0}};
   EXPECT_EQ(ctl_.ReloadNow().status().code(), ErrorCode::kInvalidArgument);
   EXPECT_EQ(*dm_.LiveTable("cowtap-1"), DmTable::AllMiss(16 * kSpc));
+}
+
+TEST(ControllerConcurrencyTest, RevokedRangesStayMissWhileOtherThreadsReload) {
+  // Allocating threads publish writable clusters and note changes; revoking
+  // threads drop a cluster from the source (the engine's cache invalidation)
+  // and revoke it; right after the revoke returns the kernel's (fake) table
+  // must route it to user space, whatever reloads ran concurrently.
+  FakeDeviceMapper dm;
+  std::mutex mu;
+  std::set<uint64_t> known;  // GUARDED_BY(mu)
+  auto source = [&] {
+    std::lock_guard lock(mu);
+    std::vector<WritableCluster> out;
+    for (uint64_t c : known) out.push_back({c, (c + 100) * kCluster});
+    return out;
+  };
+  OffloadController ctl(dm, "cowtap-c", {"/dev/loop1", "/dev/nbd1"}, *OffloadPlanner::Make({256 * kCluster, kCluster, 64}),
+                        source, {/*min_interval=*/0ms, /*max_delay=*/0ms, /*max_pending=*/1});
+  ASSERT_TRUE(ctl.Start().ok());
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        const uint64_t c = static_cast<uint64_t>(t) * 64 + static_cast<uint64_t>(i % 64);
+        {
+          std::lock_guard lock(mu);
+          known.insert(c);
+        }
+        if (!ctl.NoteChanges(1).ok()) ++failures;
+        if (i % 3 == 0) {
+          {
+            std::lock_guard lock(mu);
+            known.erase(c);
+          }
+          if (!ctl.RevokeBeforeReuse(c, 1).ok()) ++failures;
+          if (dm.LiveTable("cowtap-c")->SegmentAt(c * kSpc).kind != K::kMiss) ++failures;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(dm.reloads(), 10u);
+  EXPECT_LE(dm.LiveTable("cowtap-c")->segments().size(), 64u);
 }
 
 }  // namespace
