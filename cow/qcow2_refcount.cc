@@ -10,6 +10,15 @@
 #include "cow/qcow2_format.h"
 
 namespace cowtap::cow {
+namespace {
+
+// How far past the end of the file (or the allocation hint) the search for
+// a free cluster goes through clusters said to be in use before it calls
+// the refcounts corrupt. Real images have at most a crash's worth of leaked
+// clusters there.
+constexpr uint64_t kMaxInUseBeyondEof = uint64_t{1} << 16;
+
+}  // namespace
 
 Qcow2Refcounts::Qcow2Refcounts(File* file, std::string path, const Geometry& geometry, uint64_t cache_entries)
     : file_(file),
@@ -95,15 +104,28 @@ Result<std::pair<uint64_t, uint64_t>> Qcow2Refcounts::AllocateRun(uint64_t max_c
     uint64_t bi = c / block_entries_;
     return bi < table_.size() && table_[bi] != 0;
   };
+  // Every cluster in use lies inside the file, except the few a crash
+  // leaked between an allocation's refcount update and its first write. A
+  // search that runs far past the end of the file through clusters said to
+  // be in use is following refcounts a hostile or broken image made up: it
+  // stops there, instead of walking up to 2^56 bytes' worth of them.
+  COWTAP_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  const uint64_t file_clusters = DivRoundUp(file_size, cluster_size());
   while (true) {
     const uint64_t start = std::max(free_hint_, floor_);
+    const uint64_t scan_limit = std::max(start, file_clusters) + kMaxInUseBeyondEof;
     uint64_t c = start;
     while (true) {
       if (c >= max_cluster) return Status::NoSpace(path_ + ": no free cluster below 2^56 bytes (image is full)");
+      if (c >= scan_limit)
+        return Status::Corrupt(path_ + ": refcounts claim every cluster up to offset " +
+                               std::to_string(c << geometry_.cluster_bits) + " in use, far past the end of the file (" +
+                               std::to_string(file_size) + " bytes); run `qemu-img check -r all` on it");
       COWTAP_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
       if (rc == 0) break;
       ++c;
     }
+    if (HoldsOwnMetadata(c)) return MetadataClaimedFree(c);
     if (!covered(c)) {
       // The block takes cluster c itself (it describes its own range).
       COWTAP_RETURN_IF_ERROR(EnsureBlock(c / block_entries_, c));
@@ -114,7 +136,7 @@ Result<std::pair<uint64_t, uint64_t>> Qcow2Refcounts::AllocateRun(uint64_t max_c
     // inside it, so contiguity there is not worth the extra metadata writes.
     while (run < max_count && c + run < max_cluster && covered(c + run)) {
       COWTAP_ASSIGN_OR_RETURN(uint64_t rc, Get(c + run));
-      if (rc != 0) break;
+      if (rc != 0 || HoldsOwnMetadata(c + run)) break;
       ++run;
     }
     for (uint64_t i = 0; i < run; ++i) COWTAP_RETURN_IF_ERROR(Set(c + i, 1));
@@ -140,6 +162,7 @@ Status Qcow2Refcounts::EnsureBlock(uint64_t block_index, uint64_t preferred_clus
   uint64_t first = block_index * block_entries_;
   uint64_t cluster = preferred_cluster;
   if (cluster < first || cluster >= first + block_entries_) cluster = first;
+  if (HoldsOwnMetadata(cluster)) return MetadataClaimedFree(cluster);
   const uint64_t off = cluster << geometry_.cluster_bits;
   if (off >= kQcow2MaxHostOffset) return Status::NoSpace(path_ + ": refcount block would lie beyond 2^56 bytes");
   cache_.Drop(off);
@@ -153,6 +176,18 @@ Status Qcow2Refcounts::EnsureBlock(uint64_t block_index, uint64_t preferred_clus
   COWTAP_RETURN_IF_ERROR(file_->WriteAt(geometry_.table_offset + block_index * 8, be));
   table_[block_index] = off;
   return Status::Ok();
+}
+
+bool Qcow2Refcounts::HoldsOwnMetadata(uint64_t cluster_index) const {
+  if (cluster_index == 0) return true;  // the header
+  const uint64_t table_first = geometry_.table_offset >> geometry_.cluster_bits;
+  return cluster_index >= table_first && cluster_index - table_first < geometry_.table_clusters;
+}
+
+Status Qcow2Refcounts::MetadataClaimedFree(uint64_t cluster_index) const {
+  return Status::Corrupt(path_ + ": the cluster at offset " + std::to_string(cluster_index << geometry_.cluster_bits) +
+                         " holds the image header or refcount table, yet its refcount is 0; the refcounts are "
+                         "corrupt: run `qemu-img check -r all` on the image");
 }
 
 Status Qcow2Refcounts::GrowTable(uint64_t block_index) {

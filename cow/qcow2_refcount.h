@@ -71,6 +71,10 @@ class Qcow2Refcounts {
   Qcow2Refcounts(File* file, std::string path, const Geometry& geometry, uint64_t cache_entries);
   Status EnsureBlock(uint64_t block_index, uint64_t preferred_cluster);
   Status GrowTable(uint64_t block_index);
+  // The header cluster and the refcount table's clusters: never handed out,
+  // whatever the refcounts say (a hostile image can claim them free).
+  bool HoldsOwnMetadata(uint64_t cluster_index) const;
+  Status MetadataClaimedFree(uint64_t cluster_index) const;
   Result<uint8_t*> Block(uint64_t block_index);
 
   File* file_;
