@@ -82,7 +82,7 @@ struct ChainBuilder {
       return Status::Corrupt(path + ": backing chain loops (this file is already in the chain)");
     FileOpenOptions fo;
     fo.writable = !read_only;
-    fo.direct = options.direct_io;
+    fo.direct = options.direct_io && (depth == 0 || !options.buffered_backing);
     COWTAP_ASSIGN_OR_RETURN(auto file, fs->Open(path, fo));
     if (!format) {
       COWTAP_ASSIGN_OR_RETURN(ImageFormat probed, ProbeFormat(*file));

@@ -109,6 +109,10 @@ struct OpenOptions {
   // active layer (qcow2 only).
   std::string snapshot;
   bool direct_io = false;
+  // With direct_io: still open the backing files (read-only, shared by every
+  // overlay over them) through the page cache, so a base that many VBDs read
+  // has its pages cached once for all of them.
+  bool buffered_backing = true;
   // Metadata cache bounds (qcow2/qcow): bytes of L2 tables and refcount
   // blocks kept in memory; 0 picks a default sized from the image.
   uint64_t l2_cache_bytes = 0;

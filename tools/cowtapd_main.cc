@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
   std::string control_socket = env_socket && *env_socket ? env_socket : "/run/cowtap/cowtapd.sock";
   std::vector<std::string> attach;
   uint32_t domain_wait_ms = 30000;
+  std::string cache = "none";
   CLI::App app{"cowtapd: Xen disk backend daemon serving qcow2/qcow/raw images with copy-on-write"};
   app.add_option("--platform", options.platform, "sim (simulated hypervisor) or xen (libxen, in dom0)")
       ->check(CLI::IsMember({"sim", "xen"}));
@@ -63,7 +64,12 @@ int main(int argc, char** argv) {
   app.add_option("--attach", attach, "sim: attach domid:devid:image[:format] at start (repeatable)");
   app.add_option("--max-queues", options.vbd.max_queues, "queues offered per VBD");
   app.add_option("--domain-wait-ms", domain_wait_ms, "how long a VBD waits for its guest domain to appear");
+  app.add_option("--cache", cache,
+                 "none (default): top images with O_DIRECT, backing files through the page cache (cached once for "
+                 "all VBDs); writeback: everything through the page cache")
+      ->check(CLI::IsMember({"none", "writeback"}));
   CLI11_PARSE(app, argc, argv);
+  options.open.direct_io = cache == "none";
   if (options.backend_types.empty()) options.backend_types = {"cowtap"};
   options.vbd.domain_wait = std::chrono::milliseconds(domain_wait_ms);
 
