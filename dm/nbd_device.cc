@@ -8,6 +8,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -42,6 +44,22 @@ Status WriteFull(int fd, const uint8_t* p, size_t n) {
     n -= static_cast<size_t>(r);
   }
   return Status::Ok();
+}
+
+// How long Connect waits for the kernel to start the device.
+constexpr int kStartTimeoutMs = 10000;
+
+// A sysfs number, or UINT64_MAX if unreadable.
+uint64_t ReadSysfsU64(const std::string& file) {
+  int fd = open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return UINT64_MAX;
+  char buf[32] = {};
+  ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) return UINT64_MAX;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(buf, &end, 10);
+  return end == buf ? UINT64_MAX : v;
 }
 
 }  // namespace
@@ -129,11 +147,28 @@ Result<std::unique_ptr<NbdDevice>> NbdDevice::Connect(int socket_fd, const std::
       return fail(s);
     }
     std::unique_ptr<NbdDevice> d(new NbdDevice(path, dev, exp->size_bytes));
-    d->do_it_ = std::thread([dev, path] {
-      if (ioctl(dev, NBD_DO_IT) != 0 && errno != EPIPE) spdlog::warn("nbd: NBD_DO_IT {}: {}", path, std::strerror(errno));
+    NbdDevice* raw = d.get();
+    d->do_it_ = std::thread([raw] {
+      if (ioctl(raw->dev_fd_, NBD_DO_IT) != 0 && errno != EPIPE) {
+        spdlog::warn("nbd: NBD_DO_IT {}: {}", raw->path_, std::strerror(errno));
+      }
+      raw->do_it_returned_.store(true);
     });
     close(socket_fd);  // the kernel holds its own reference
-    return d;
+    // The kernel sets the capacity only when NBD_DO_IT starts the device
+    // (NBD_SET_SIZE_BLOCKS just records it): until then the device reads as
+    // empty, so return only once sysfs shows the whole size.
+    const std::string size_file = fmt::format("/sys/block/nbd{}/size", i);
+    const uint64_t want_sectors = exp->size_bytes / 512;
+    for (int waited_ms = 0;; waited_ms += 5) {
+      if (ReadSysfsU64(size_file) == want_sectors) return d;
+      if (raw->do_it_returned_.load()) return Status::IoError("nbd: NBD_DO_IT " + path + " returned at once");
+      if (waited_ms >= kStartTimeoutMs) {
+        return Status::IoError(fmt::format("nbd: {} did not reach {} sectors within {} ms of NBD_DO_IT", path,
+                                           want_sectors, kStartTimeoutMs));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
   return fail(Status::Busy("nbd: no free /dev/nbdN"));
 }

@@ -3,7 +3,8 @@
 // table's misses. Set up with the nbd ioctls: the newstyle-fixed handshake
 // is done here in user space (NbdClientHandshake), then NBD_SET_SOCK,
 // NBD_SET_BLKSIZE, NBD_SET_SIZE_BLOCKS, NBD_SET_FLAGS, and NBD_DO_IT on a
-// thread of this object (it blocks while the device is connected).
+// thread of this object (it blocks while the device is connected); Connect
+// returns once the kernel shows the device's full size in sysfs.
 // Disconnect sends NBD_DISCONNECT, joins the thread and NBD_CLEAR_SOCKs.
 //
 // Needs the nbd module (/dev/nbd0) and CAP_SYS_ADMIN: where absent,
@@ -11,6 +12,7 @@
 // from any one thread; the object is otherwise immutable.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -52,6 +54,7 @@ class NbdDevice {
   std::string path_;
   int dev_fd_ = -1;
   uint64_t size_bytes_ = 0;
+  std::atomic<bool> do_it_returned_{false};
   std::thread do_it_;
 };
 
