@@ -1,6 +1,12 @@
 // The libdevmapper-backed DeviceMapper (see device_mapper.h). Each call is
 // one dm_task (DM_DEVICE_CREATE / RELOAD / SUSPEND / RESUME / REMOVE /
 // INFO) run synchronously; libdevmapper serializes on the control node.
+//
+// /dev/mapper/<name>: the kernel (devtmpfs) only makes /dev/dm-N; the named
+// node is libdevmapper's (or udev's) job, and libdevmapper only queues its
+// node operations in dm_task_run — they happen in dm_task_update_nodes(),
+// which Run() calls after every task, so the node exists once the first
+// Resume returns and is gone once Remove returns, with or without udev.
 #include <libdevmapper.h>
 #include <unistd.h>
 
@@ -32,6 +38,7 @@ Status Run(dm_task* t, const std::string& name, const char* what) {
     return Status::IoError(
         fmt::format("dm {} {} failed (see the kernel log; is dm_mod loaded and are we root?)", what, name));
   }
+  dm_task_update_nodes();
   return Status::Ok();
 }
 

@@ -125,6 +125,7 @@ TEST(NbdDeviceTest, KernelClientReadsWhatTheServerServes) {
   auto nbd = NbdDevice::Connect(*fd, "disk");
   ASSERT_TRUE(nbd.ok()) << nbd.status().ToString();
   EXPECT_EQ((*nbd)->size_bytes(), 4u << 20);
+  // At once, no sleep: Connect returns only once the kernel started the device.
   int dev = open((*nbd)->path().c_str(), O_RDONLY | O_DIRECT);
   ASSERT_GE(dev, 0);
   void* buf = nullptr;
@@ -164,15 +165,18 @@ TEST(KernelDeviceMapperTest, LoadsSuspendsResumesAndRemovesALinearTable) {
   EXPECT_EQ(st->live_size_sectors, 2048u);
   EXPECT_EQ(st->live_target_count, 2u);
   std::vector<char> back(data.size());
-  std::ifstream("/dev/mapper/" + name, std::ios::binary).read(back.data(), back.size());
+  const std::string node = "/dev/mapper/" + name;
+  ASSERT_TRUE(std::ifstream(node, std::ios::binary).read(back.data(), back.size()))
+      << node << " is absent or short after the first resume";
   EXPECT_TRUE(std::equal(back.begin(), back.begin() + 512 * 1024, data.begin() + 512 * 1024));
   EXPECT_TRUE(std::equal(back.begin() + 512 * 1024, back.end(), data.begin()));
   // Reload to the identity mapping.
   ASSERT_TRUE(ReloadTable(**dm, name, *DmTable::Make(2048, {{0, 2048, DmSegment::Kind::kLinear, 0}}), devs).ok());
-  std::ifstream("/dev/mapper/" + name, std::ios::binary).read(back.data(), back.size());
+  ASSERT_TRUE(std::ifstream(node, std::ios::binary).read(back.data(), back.size()));
   EXPECT_EQ(back, data);
   EXPECT_TRUE((*dm)->Remove(name).ok());
   EXPECT_FALSE((*dm)->GetStatus(name).ok());
+  EXPECT_NE(access(node.c_str(), F_OK), 0) << node << " still exists after Remove";
 }
 
 TEST(KernelDeviceMapperTest, SaysWhyWhenDeviceMapperIsAbsent) {
