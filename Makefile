@@ -60,3 +60,10 @@ install: build
 .PHONY: bench
 bench: build
 	@$(BUILD_DIR)/tools/cowtap bench $(BENCH_ARGS)
+
+# Proof in a real kernel (tests/vm/run.sh): Debian's kernel under QEMU runs
+# dm/'s loop, nbd and device-mapper tests and the offload end to end; fetches
+# the kernel package on first use. Not part of `make test`.
+.PHONY: test-vm
+test-vm: build
+	@tests/vm/run.sh $(BUILD_DIR)

@@ -1,0 +1,71 @@
+#!/bin/busybox sh
+# PID 1 of the dm test VM (tests/vm/run.sh): load the modules, run the
+# real-kernel tests of cowtap_dm_test, then (e2e=1 on the kernel command
+# line) the offload end to end over the images on the data disk, and power
+# off. Reports on the console, which the host parses:
+#   VMSTAGE <name> <seconds> s      one per stage
+#   VMCHECK <name> PASS|FAIL <detail>
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+up() { cut -d' ' -f1 /proc/uptime; }
+stage_t=$(up)
+stage() { t=$(up); echo "VMSTAGE $1 $(awk "BEGIN{printf \"%.1f\", $t - $stage_t}") s"; stage_t=$t; }
+vmcheck() { echo "VMCHECK $*"; }
+finish() {
+  echo "=== vm done ==="
+  sync
+  poweroff -f
+}
+
+echo "=== vm begin: $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpus ==="
+mods_ok=1
+while read -r m; do
+  case $m in
+    nbd) args="nbds_max=8" ;;
+    *) args="" ;;
+  esac
+  insmod /lib/modules/$m.ko $args || { echo "insmod $m failed"; mods_ok=0; }
+done < /lib/modules/order
+i=0; while [ ! -e /dev/nbd0 ] || [ ! -e /dev/mapper/control ] || [ ! -e /dev/loop-control ]; do
+  [ $i -ge 50 ] && break; sleep 0.1; i=$((i + 1))
+done
+for n in /dev/mapper/control /dev/loop-control /dev/nbd0; do [ -e $n ] || { echo "no $n"; mods_ok=0; }; done
+[ $mods_ok = 1 ] && vmcheck modules PASS "$(tr '\n' ' ' < /lib/modules/order)" || vmcheck modules FAIL "see the console"
+stage modules
+
+# The real-kernel tests. None may skip here: this VM is where they run.
+filter='LoopDeviceTest.*:NbdDeviceTest.*:KernelDeviceMapperTest.*:NbdHandshakeTest.*:-*SaysWhyWhenDeviceMapperIsAbsent'
+cowtap_dm_test --gtest_filter="$filter" > /tmp/kernel_tests.log 2>&1
+rc=$?
+cat /tmp/kernel_tests.log
+ran=$(sed -n 's/^\[==========\] \([0-9]*\) tests\{0,1\} from .* ran\..*/\1/p' /tmp/kernel_tests.log | tail -1)
+skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) tests\{0,1\}, listed below:.*/\1/p' /tmp/kernel_tests.log | tail -1)
+if [ $rc -eq 0 ] && [ -n "$ran" ] && [ "$ran" -gt 0 ] && [ -z "$skipped" ]; then
+  vmcheck kernel_tests PASS "$ran tests, none skipped"
+else
+  vmcheck kernel_tests FAIL "exit $rc, ${ran:-0} ran, ${skipped:-0} skipped"
+fi
+stage kernel_tests
+
+if grep -q 'e2e=1' /proc/cmdline; then
+  i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  mkdir -p /data
+  if mount -t ext4 /dev/vda /data; then
+    cowtap_vm_offload_e2e run /data/overlay.qcow2 /data/expected.raw 2>&1
+    rc=$?
+    [ $rc -eq 0 ] && vmcheck offload_e2e PASS "" || vmcheck offload_e2e FAIL "exit $rc"
+    sync
+    umount /data || vmcheck data_umount FAIL "umount /data"
+  else
+    vmcheck offload_e2e FAIL "cannot mount the data disk"
+    dmesg | tail -20
+  fi
+  stage offload_e2e
+fi
+dmesg | grep -iE 'nbd|device-mapper|loop|BUG|WARNING|blk_update_request|I/O error' | sed 's/^/dmesg: /' | tail -40
+finish
