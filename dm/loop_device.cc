@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -64,6 +65,19 @@ Result<std::unique_ptr<LoopDevice>> LoopDevice::Attach(const std::string& file, 
   close(backing);
   close(ctl);
   return last;
+}
+
+Result<uint64_t> LoopDevice::SizeBytes() const {
+  uint64_t size = 0;
+  if (fd_ < 0) return Status::InvalidArgument("loop: " + path_ + " is detached");
+  if (ioctl(fd_, BLKGETSIZE64, &size) != 0) return Status::FromErrno(errno, "BLKGETSIZE64 " + path_);
+  return size;
+}
+
+Status LoopDevice::RefreshCapacity() {
+  if (fd_ < 0) return Status::InvalidArgument("loop: " + path_ + " is detached");
+  if (ioctl(fd_, LOOP_SET_CAPACITY, 0) != 0) return Status::FromErrno(errno, "LOOP_SET_CAPACITY " + path_);
+  return Status::Ok();
 }
 
 Status LoopDevice::Detach() {

@@ -33,6 +33,13 @@ class LoopDevice {
 
   // "/dev/loopN".
   const std::string& path() const { return path_; }
+  // The device's size as the kernel sees it (BLKGETSIZE64).
+  Result<uint64_t> SizeBytes() const;
+  // Re-reads the file's size into the device (LOOP_SET_CAPACITY): the size
+  // is fixed at Attach, so clusters an image allocates past the file's
+  // end of then are beyond the device — device-mapper refuses a table that
+  // points there — until this is called. Safe while the device is in use.
+  Status RefreshCapacity();
   // Detaches the file (LOOP_CLR_FD). Idempotent.
   Status Detach();
 
