@@ -60,7 +60,18 @@ if grep -q 'e2e=1' /proc/cmdline; then
     rc=$?
     [ $rc -eq 0 ] && vmcheck offload_e2e PASS "" || vmcheck offload_e2e FAIL "exit $rc"
     sync
-    umount /data || vmcheck data_umount FAIL "umount /data"
+    # Teardown left nothing bound: no dm device, no loop over the image.
+    left=$(ls /dev/mapper | grep -v '^control$'; grep -l . /sys/block/loop*/loop/backing_file 2>/dev/null)
+    [ -z "$left" ] && vmcheck teardown_complete PASS "" || vmcheck teardown_complete FAIL "still bound: $(echo $left)"
+    # The image file must be released soon after teardown (the kernel may
+    # drop the loop's last reference to it asynchronously).
+    t0=$(up); n=0
+    until umount /data 2>/dev/null; do
+      n=$((n + 1)); [ $n -ge 50 ] && break; sleep 0.1
+    done
+    waited=$(awk "BEGIN{printf \"%.1f\", $(up) - $t0}")
+    [ $n -lt 50 ] && vmcheck data_released PASS "umount after ${waited} s, $n retries" ||
+      { vmcheck data_released FAIL "/data still busy ${waited} s after teardown"; losetup -a; ls -l /sys/block/*/holders; }
   else
     vmcheck offload_e2e FAIL "cannot mount the data disk"
     dmesg | tail -20
