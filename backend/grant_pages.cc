@@ -1,27 +1,55 @@
 #include "backend/grant_pages.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <chrono>
+
+#include "base/log.h"
 
 namespace cowtap::backend {
 
+namespace {
+
+// Shared by every ring: a guest that makes unmaps fail must not flood the log.
+RateLimiter& UnmapLogLimiter() {
+  static RateLimiter limiter(10, std::chrono::seconds(10));
+  return limiter;
+}
+
+}  // namespace
+
 GrantPages::GrantPages(xen::GrantTable& table, xen::DomId domid, bool persistent, size_t max_entries,
-                       std::atomic<size_t>* mapped_pages)
+                       std::atomic<size_t>* mapped_pages, std::atomic<uint64_t>* leaked_pages)
     : table_(table),
       domid_(domid),
       persistent_(persistent && max_entries > 0),
       max_entries_(max_entries),
-      mapped_pages_(mapped_pages) {}
+      mapped_pages_(mapped_pages),
+      leaked_pages_(leaked_pages) {}
+
+void GrantPages::Release(xen::GrantMapping* m, std::atomic<size_t>* mapped_pages, std::atomic<uint64_t>* leaked_pages) {
+  const size_t pages = m->pages();
+  Status s = m->Unmap();
+  delete m;
+  if (mapped_pages) mapped_pages->fetch_sub(pages, std::memory_order_relaxed);
+  if (s.ok()) return;
+  if (leaked_pages) leaked_pages->fetch_add(pages, std::memory_order_relaxed);
+  if (UnmapLogLimiter().Allow()) {
+    const uint64_t suppressed = UnmapLogLimiter().TakeSuppressed();
+    spdlog::error("unmapping {} guest page(s) failed, counted as leaked: {}{}", pages, s.ToString(),
+                  suppressed ? fmt::format(" ({} similar messages suppressed)", suppressed) : "");
+  }
+}
 
 Result<std::shared_ptr<xen::GrantMapping>> GrantPages::MapBatch(std::span<const xen::GrantRef> refs, bool writable) {
   ++map_calls_;
   COWTAP_ASSIGN_OR_RETURN(std::unique_ptr<xen::GrantMapping> mapping, table_.Map(domid_, refs, writable));
-  const size_t pages = mapping->pages();
-  std::atomic<size_t>* counter = mapped_pages_;
-  if (counter) counter->fetch_add(pages, std::memory_order_relaxed);
-  return std::shared_ptr<xen::GrantMapping>(mapping.release(), [counter, pages](xen::GrantMapping* m) {
-    delete m;
-    if (counter) counter->fetch_sub(pages, std::memory_order_relaxed);
-  });
+  std::atomic<size_t>* mapped = mapped_pages_;
+  std::atomic<uint64_t>* leaked = leaked_pages_;
+  if (mapped) mapped->fetch_add(mapping->pages(), std::memory_order_relaxed);
+  return std::shared_ptr<xen::GrantMapping>(mapping.release(),
+                                            [mapped, leaked](xen::GrantMapping* m) { Release(m, mapped, leaked); });
 }
 
 Status GrantPages::Map(std::span<const xen::GrantRef> refs, bool writable, std::vector<PageRef>* out) {

@@ -14,6 +14,11 @@
 // the process when neither the LRU nor a request refers to any page of its
 // batch.
 //
+// Unmap failures: a batch is unmapped (GrantMapping::Unmap) when its last
+// PageRef goes. If that fails, the batch's pages are counted as leaked
+// instead of mapped, the failure is logged (rate-limited: a guest can
+// provoke it) and the memory is never touched again; nothing is retried.
+//
 // Thread-safety: one thread at a time (the ring server's thread); PageRefs
 // may be released from any thread.
 #pragma once
@@ -41,9 +46,11 @@ struct PageRef {
 class GrantPages {
  public:
   // mapped_pages (optional) counts pages mapped through this object that are
-  // still mapped. persistent=false disables the LRU.
+  // still usable; leaked_pages (optional) those whose unmap failed (they may
+  // stay mapped and pinned, the guest cannot take them back; never touched
+  // again). Both must outlive every PageRef. persistent=false disables the LRU.
   GrantPages(xen::GrantTable& table, xen::DomId domid, bool persistent, size_t max_entries,
-             std::atomic<size_t>* mapped_pages = nullptr);
+             std::atomic<size_t>* mapped_pages = nullptr, std::atomic<uint64_t>* leaked_pages = nullptr);
   GrantPages(const GrantPages&) = delete;
   GrantPages& operator=(const GrantPages&) = delete;
 
@@ -52,6 +59,12 @@ class GrantPages {
   // On failure nothing new stays mapped and *out is cleared; the message
   // names the domain and the failing ref (from the platform).
   Status Map(std::span<const xen::GrantRef> refs, bool writable, std::vector<PageRef>* out);
+
+  // Maps one batch (refs.size() <= kMaxMapBatch) outside the cache, with
+  // the same counting and unmap handling: the ring pages.
+  Result<std::shared_ptr<xen::GrantMapping>> MapUncached(std::span<const xen::GrantRef> refs, bool writable) {
+    return MapBatch(refs, writable);
+  }
 
   // Drops every cached mapping (pages still referenced by requests stay
   // mapped until those drop them).
@@ -65,6 +78,8 @@ class GrantPages {
   uint64_t evictions() const { return evictions_; }
 
  private:
+  // Unmaps m, then deletes it; counts and logs a failed unmap.
+  static void Release(xen::GrantMapping* m, std::atomic<size_t>* mapped_pages, std::atomic<uint64_t>* leaked_pages);
   Result<std::shared_ptr<xen::GrantMapping>> MapBatch(std::span<const xen::GrantRef> refs, bool writable);
   void Insert(xen::GrantRef ref, PageRef page);
 
@@ -73,6 +88,7 @@ class GrantPages {
   const bool persistent_;
   const size_t max_entries_;
   std::atomic<size_t>* const mapped_pages_;
+  std::atomic<uint64_t>* const leaked_pages_;
   // Most recently used at the front.
   std::list<std::pair<xen::GrantRef, PageRef>> lru_;
   std::unordered_map<xen::GrantRef, std::list<std::pair<xen::GrantRef, PageRef>>::iterator> index_;

@@ -28,6 +28,10 @@ class FakeGrantTable : public xen::GrantTable {
     uint8_t* addr() const override { return mem_; }
     size_t pages() const override { return pages_; }
     bool writable() const override { return writable_; }
+    Status Unmap() override {
+      ++table_->unmap_calls;
+      return table_->fail_unmap ? Status::IoError("unmap refused") : Status::Ok();
+    }
 
    private:
     FakeGrantTable* table_;
@@ -53,6 +57,8 @@ class FakeGrantTable : public xen::GrantTable {
   bool last_writable = false;
   size_t last_batch = 0;
   size_t live_pages = 0;
+  int unmap_calls = 0;
+  bool fail_unmap = false;
   std::set<xen::GrantRef> bad;
 };
 
@@ -188,6 +194,27 @@ TEST(GrantPagesTest, CacheBoundsPinnedPagesNotOnlyEntries) {
     EXPECT_LE(pages.pinned_pages(), 64u);
     EXPECT_LE(table.live_pages, 64u) << "batch at " << base;
   }
+}
+
+TEST(GrantPagesTest, FailedUnmapCountsThePagesLeakedNotMapped) {
+  FakeGrantTable table;
+  std::atomic<size_t> mapped{0};
+  std::atomic<uint64_t> leaked{0};
+  GrantPages pages(table, 3, /*persistent=*/false, 100, &mapped, &leaked);
+  std::vector<PageRef> out;
+  const xen::GrantRef refs[] = {10, 11, 12};
+  ASSERT_TRUE(pages.Map(refs, true, &out).ok());
+  EXPECT_EQ(mapped.load(), 3u);
+  table.fail_unmap = true;
+  out.clear();
+  EXPECT_EQ(table.unmap_calls, 1) << "one unmap per batch, never retried";
+  EXPECT_EQ(mapped.load(), 0u) << "no longer usable by the backend";
+  EXPECT_EQ(leaked.load(), 3u) << "but counted: the guest cannot take them back";
+  table.fail_unmap = false;
+  ASSERT_TRUE(pages.Map(refs, true, &out).ok()) << "the refs may be mapped again";
+  out.clear();
+  EXPECT_EQ(leaked.load(), 3u);
+  EXPECT_EQ(mapped.load(), 0u);
 }
 
 }  // namespace

@@ -97,6 +97,9 @@ class RingServer::Impl {
   std::thread thread_;
   std::thread::id thread_id_;
   bool stopping_ = false;
+  // A kick the frontend asked for that failed: Run retries it (ring thread only).
+  bool notify_owed_ = false;
+  static constexpr int kNotifyRetryMs = 10;
   RateLimiter log_limiter_{20, std::chrono::seconds(5)};
 
   // Ring thread only.
@@ -138,13 +141,11 @@ Status RingServer::Impl::Init(xen::XenPlatform& platform) {
   if (stop_fd_ < 0 || completion_fd_ < 0) return Status::FromErrno(errno, config_.name + ": eventfd");
 
   COWTAP_ASSIGN_OR_RETURN(grants_, platform.OpenGrantTable());
-  COWTAP_ASSIGN_OR_RETURN(auto ring_map, grants_->Map(config_.frontend_domid, config_.ring_refs, true));
-  ring_mapping_ = std::move(ring_map);
-  mapped_pages_.fetch_add(nrefs);
+  pages_ = std::make_unique<GrantPages>(*grants_, config_.frontend_domid, config_.persistent,
+                                        config_.max_persistent_grants, &mapped_pages_, &stats_.leaked_pages);
+  COWTAP_ASSIGN_OR_RETURN(ring_mapping_, pages_->MapUncached(config_.ring_refs, true));
   ring_ = std::make_unique<BackRing>(ring_mapping_->addr(), nrefs * xen::kPageSize, config_.abi);
   if (ring_->capacity() == 0) return Status::InvalidArgument(config_.name + ": ring too small");
-  pages_ = std::make_unique<GrantPages>(*grants_, config_.frontend_domid, config_.persistent,
-                                        config_.max_persistent_grants, &mapped_pages_);
 
   COWTAP_ASSIGN_OR_RETURN(evtchn_, platform.OpenEventChannel());
   auto port = evtchn_->BindInterdomain(config_.frontend_domid, config_.remote_port);
@@ -170,7 +171,6 @@ void RingServer::Impl::Stop() {
   if (pages_) pages_->Clear();
   if (ring_mapping_) {
     ring_.reset();
-    mapped_pages_.fetch_sub(ring_mapping_->pages());
     ring_mapping_.reset();
   }
   if (bound_) {
@@ -188,7 +188,7 @@ void RingServer::Impl::Run() {
     // A halted ring no longer listens to the guest (a notification flood
     // must not keep this thread busy).
     const nfds_t nfds = halted() ? 2 : 3;
-    if (::poll(fds, nfds, -1) < 0) {
+    if (::poll(fds, nfds, notify_owed_ ? kNotifyRetryMs : -1) < 0) {
       if (errno == EINTR) continue;
       Halt(Status::FromErrno(errno, "poll"));
       break;
@@ -438,12 +438,18 @@ void RingServer::Impl::Answer(InFlight& op, const Status& status) {
 }
 
 void RingServer::Impl::PublishAndNotify() {
-  if (!ring_->PublishResponses()) return;
+  if (!ring_->PublishResponses() && !notify_owed_) return;
   Status s = evtchn_->Notify(local_port_);
   if (s.ok()) {
     stats_.notifications.fetch_add(1, std::memory_order_relaxed);
-  } else if (log_limiter_.Allow()) {
-    spdlog::warn("{}: notifying the frontend failed: {}", config_.name, s.ToString());
+    notify_owed_ = false;
+    return;
+  }
+  // The responses are published; the kick is owed and retried from Run.
+  notify_owed_ = true;
+  stats_.notify_failures.fetch_add(1, std::memory_order_relaxed);
+  if (log_limiter_.Allow()) {
+    spdlog::warn("{}: notifying the frontend failed (retrying): {}", config_.name, s.ToString());
   }
 }
 

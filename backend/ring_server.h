@@ -24,6 +24,12 @@
 // process and other rings carry on. A bad request is answered with an error
 // and the ring keeps going.
 //
+// Platform failures: a request whose grants cannot be mapped is answered
+// ERROR. A failed unmap counts the pages as leaked (stats) and never touches
+// them again. A failed event-channel kick is retried every few milliseconds
+// until one succeeds (the responses are already on the ring), so a
+// transient error costs the frontend latency, not a lost completion.
+//
 // Stop() takes no more requests, waits for in-flight I/O to complete and be
 // answered, then unmaps every grant (ring, data, persistent) and unbinds the
 // event channel. REQUIRES: the BlockDevice completes every submitted I/O.
@@ -97,8 +103,10 @@ struct RingStats {
   std::atomic<uint64_t> grant_maps{0};     // GrantTable::Map calls
   std::atomic<uint64_t> persistent_hits{0};
   std::atomic<uint64_t> persistent_evictions{0};
-  std::atomic<uint64_t> max_batch{0};  // most requests taken in one pass
-  std::atomic<uint64_t> in_flight{0};  // taken off the ring, not yet answered
+  std::atomic<uint64_t> max_batch{0};        // most requests taken in one pass
+  std::atomic<uint64_t> in_flight{0};        // taken off the ring, not yet answered
+  std::atomic<uint64_t> leaked_pages{0};     // guest pages whose unmap failed (see grant_pages.h)
+  std::atomic<uint64_t> notify_failures{0};  // event-channel kicks that failed (each retried)
   std::array<std::atomic<uint64_t>, kLatencyBuckets> latency_us_log2{};
 };
 

@@ -32,6 +32,8 @@ void AddRing(const RingServer& s, VbdStats* out) {
   out->grant_maps += r.grant_maps.load();
   out->persistent_hits += r.persistent_hits.load();
   out->in_flight += r.in_flight.load();
+  out->leaked_pages += r.leaked_pages.load();
+  out->notify_failures += r.notify_failures.load();
   for (size_t i = 0; i < kLatencyBuckets; ++i) out->latency_us_log2[i] += r.latency_us_log2[i].load();
 }
 constexpr uint32_t kVdiskCdrom = 1;

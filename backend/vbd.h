@@ -91,7 +91,9 @@ struct VbdStats {
   uint64_t notifications = 0, grant_maps = 0, persistent_hits = 0;
   uint32_t queues = 0, halted_queues = 0;
   size_t mapped_pages = 0;
-  uint64_t in_flight = 0;  // requests taken and not yet answered, now
+  uint64_t leaked_pages = 0;     // guest pages whose unmap failed (see grant_pages.h)
+  uint64_t notify_failures = 0;  // failed event-channel kicks (retried)
+  uint64_t in_flight = 0;        // requests taken and not yet answered, now
   std::vector<uint64_t> latency_us_log2 = std::vector<uint64_t>(kLatencyBuckets, 0);  // see RingStats
 };
 

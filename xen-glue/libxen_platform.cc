@@ -48,7 +48,16 @@ class LibxenMapping final : public GrantMapping {
  public:
   LibxenMapping(std::shared_ptr<GnttabHandle> h, void* addr, size_t pages, bool writable)
       : h_(std::move(h)), addr_(static_cast<uint8_t*>(addr)), pages_(pages), writable_(writable) {}
-  ~LibxenMapping() override { xengnttab_unmap(h_->h, addr_, static_cast<uint32_t>(pages_)); }
+  ~LibxenMapping() override {
+    if (!unmapped_) Unmap().IgnoreError();
+  }
+  Status Unmap() override {
+    unmapped_ = true;
+    if (xengnttab_unmap(h_->h, addr_, static_cast<uint32_t>(pages_)) != 0) {
+      return Status::FromErrno(errno, "xengnttab_unmap of " + std::to_string(pages_) + " page(s)");
+    }
+    return Status::Ok();
+  }
   uint8_t* addr() const override { return addr_; }
   size_t pages() const override { return pages_; }
   bool writable() const override { return writable_; }
@@ -58,6 +67,7 @@ class LibxenMapping final : public GrantMapping {
   uint8_t* addr_;
   size_t pages_;
   bool writable_;
+  bool unmapped_ = false;
 };
 
 class LibxenGrantTable final : public GrantTable {

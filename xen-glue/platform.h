@@ -52,6 +52,15 @@ class GrantMapping {
   virtual size_t pages() const = 0;
   virtual bool writable() const = 0;
 
+  // Unmaps now and says whether that worked (the destructor unmaps
+  // otherwise, silently). Called at most once. Whatever it returns, the
+  // memory must not be touched again. On failure the pages may still be
+  // mapped and the grants pinned (the guest cannot end access to them, as
+  // after a failed unmap in Xen); the destructor does not retry, and the
+  // caller counts the pages as leaked. The default (fakes) has nothing to
+  // report.
+  virtual Status Unmap() { return Status::Ok(); }
+
   uint8_t* page(size_t index) const { return addr() + index * kPageSize; }
   std::span<uint8_t> bytes() const { return {addr(), pages() * kPageSize}; }
 };

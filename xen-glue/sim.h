@@ -40,10 +40,13 @@
 // (EventChannel, XenStore) follow platform.h: one thread at a time each.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/status.h"
@@ -56,6 +59,57 @@ inline constexpr uint32_t kMaxGrantEntries = 1u << 16;
 // Refs below this are reserved (as Xen reserves 0..7); GrantAccess never
 // returns them.
 inline constexpr GrantRef kFirstGrantRef = 8;
+
+// Faults injected into the backend's side of the sim: the calls of the
+// platforms NewPlatform made (grant map and unmap, event-channel bind and
+// notify, xenstore reads and writes). A guest's own calls are never failed.
+// A failed unmap leaves the pages mapped and the refs pinned, as a failed
+// unmap does in Xen: MappedGrantCount keeps counting them and the guest's
+// EndAccess stays kBusy.
+enum class SimFaultPoint : uint8_t {
+  kGrantMap,      // GrantTable::Map of the guest's refs
+  kGrantUnmap,    // GrantMapping::Unmap (or destruction) of the guest's pages
+  kEvtchnBind,    // EventChannel::BindInterdomain to the guest
+  kEvtchnNotify,  // EventChannel::Notify of a port bound to the guest
+  kXsRead,        // XenStore::Read and Directory
+  kXsWrite,       // XenStore::Write, Mkdir and Remove
+};
+inline constexpr size_t kSimFaultPoints = 6;
+inline constexpr DomId kAnyDomain = 0xffff;
+inline constexpr uint64_t kEveryCall = UINT64_MAX;
+
+struct SimFaultRule {
+  DomId domid = kAnyDomain;   // grant and event-channel points: the guest the call concerns
+  std::string path_contains;  // xenstore points: a substring of the path ("" matches all)
+  uint64_t skip = 0;          // matching calls let through first ("fail the Nth": skip = N - 1)
+  uint64_t count = 1;         // then this many fail (kEveryCall: every one while the rule is set)
+  ErrorCode code = ErrorCode::kIoError;
+};
+
+// Thread-safe.
+class SimFaults {
+ public:
+  // Replaces the rule of `point` (one rule per point).
+  void Set(SimFaultPoint point, SimFaultRule rule);
+  void Clear(SimFaultPoint point);
+  void ClearAll();
+  // Calls failed at `point` so far (kept across Set and Clear).
+  uint64_t fired(SimFaultPoint point) const;
+
+  // The sim's hook: OK, or the injected error for a call at `point` that
+  // concerns `domid` (kAnyDomain: not a domain's call) or `path`.
+  Status Check(SimFaultPoint point, DomId domid, std::string_view path = {});
+
+ private:
+  struct Armed {
+    bool set = false;
+    SimFaultRule rule;
+    uint64_t seen = 0;  // matching calls since Set
+  };
+  mutable std::mutex mu_;
+  std::array<Armed, kSimFaultPoints> armed_{};     // GUARDED_BY(mu_)
+  std::array<uint64_t, kSimFaultPoints> fired_{};  // GUARDED_BY(mu_)
+};
 
 class SimHypervisor {
  public:
@@ -84,6 +138,8 @@ class SimHypervisor {
   virtual size_t MappedGrantCount(DomId domid) = 0;
   // Ports of `domid` that are allocated (bound or unbound).
   virtual size_t OpenPortCount(DomId domid) = 0;
+  // Faults for the backend's calls (see SimFaults).
+  virtual SimFaults& faults() = 0;
 };
 
 struct SimGuestOptions {

@@ -13,6 +13,7 @@
 
 #include <cerrno>
 #include <list>
+#include <map>
 #include <thread>
 
 #include "base/log.h"
@@ -53,6 +54,85 @@ class SimGrantTable final : public GrantTable {
   DomId self_;
 };
 
+// Decorators of the in-process handles that consult SimFaults first and
+// forward everything else.
+class FaultyEventChannel final : public EventChannel {
+ public:
+  FaultyEventChannel(std::unique_ptr<EventChannel> inner, std::shared_ptr<SimFaults> faults)
+      : inner_(std::move(inner)), faults_(std::move(faults)) {}
+  Result<EvtchnPort> BindInterdomain(DomId remote, EvtchnPort remote_port) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kEvtchnBind, remote));
+    COWTAP_ASSIGN_OR_RETURN(EvtchnPort port, inner_->BindInterdomain(remote, remote_port));
+    remotes_[port] = remote;
+    return port;
+  }
+  Result<EvtchnPort> BindUnbound(DomId remote) override {
+    COWTAP_ASSIGN_OR_RETURN(EvtchnPort port, inner_->BindUnbound(remote));
+    remotes_[port] = remote;
+    return port;
+  }
+  Status Unbind(EvtchnPort local_port) override {
+    remotes_.erase(local_port);
+    return inner_->Unbind(local_port);
+  }
+  Status Notify(EvtchnPort local_port) override {
+    auto it = remotes_.find(local_port);
+    COWTAP_RETURN_IF_ERROR(
+        faults_->Check(SimFaultPoint::kEvtchnNotify, it == remotes_.end() ? kAnyDomain : it->second));
+    return inner_->Notify(local_port);
+  }
+  int fd() const override { return inner_->fd(); }
+  Result<std::optional<EvtchnPort>> Pending() override { return inner_->Pending(); }
+  Status Unmask(EvtchnPort local_port) override { return inner_->Unmask(local_port); }
+
+ private:
+  std::unique_ptr<EventChannel> inner_;
+  std::shared_ptr<SimFaults> faults_;
+  std::map<EvtchnPort, DomId> remotes_;
+};
+
+class FaultyXenStore final : public XenStore {
+ public:
+  FaultyXenStore(std::unique_ptr<XenStore> inner, std::shared_ptr<SimFaults> faults)
+      : inner_(std::move(inner)), faults_(std::move(faults)) {}
+  Result<std::string> Read(std::string_view path, XsTransaction tx) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kXsRead, kAnyDomain, path));
+    return inner_->Read(path, tx);
+  }
+  Status Write(std::string_view path, std::string_view value, XsTransaction tx) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kXsWrite, kAnyDomain, path));
+    return inner_->Write(path, value, tx);
+  }
+  Status Mkdir(std::string_view path, XsTransaction tx) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kXsWrite, kAnyDomain, path));
+    return inner_->Mkdir(path, tx);
+  }
+  Status Remove(std::string_view path, XsTransaction tx) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kXsWrite, kAnyDomain, path));
+    return inner_->Remove(path, tx);
+  }
+  Result<std::vector<std::string>> Directory(std::string_view path, XsTransaction tx) override {
+    COWTAP_RETURN_IF_ERROR(faults_->Check(SimFaultPoint::kXsRead, kAnyDomain, path));
+    return inner_->Directory(path, tx);
+  }
+  Result<std::vector<XsPermission>> GetPermissions(std::string_view path, XsTransaction tx) override {
+    return inner_->GetPermissions(path, tx);
+  }
+  Status SetPermissions(std::string_view path, std::span<const XsPermission> perms, XsTransaction tx) override {
+    return inner_->SetPermissions(path, perms, tx);
+  }
+  Status Watch(std::string_view path, std::string_view token) override { return inner_->Watch(path, token); }
+  Status Unwatch(std::string_view path, std::string_view token) override { return inner_->Unwatch(path, token); }
+  int fd() const override { return inner_->fd(); }
+  Result<std::optional<XsWatchEvent>> ReadWatch() override { return inner_->ReadWatch(); }
+  Result<XsTransaction> TransactionStart() override { return inner_->TransactionStart(); }
+  Status TransactionEnd(XsTransaction tx, bool commit) override { return inner_->TransactionEnd(tx, commit); }
+
+ private:
+  std::unique_ptr<XenStore> inner_;
+  std::shared_ptr<SimFaults> faults_;
+};
+
 class SimPlatform final : public XenPlatform {
  public:
   SimPlatform(std::shared_ptr<SimState> state, DomId self) : state_(std::move(state)), self_(self) {}
@@ -60,9 +140,13 @@ class SimPlatform final : public XenPlatform {
     return std::unique_ptr<GrantTable>(new SimGrantTable(state_, self_));
   }
   Result<std::unique_ptr<EventChannel>> OpenEventChannel() override {
-    return NewSimEventChannel(std::make_unique<LocalPortControl>(state_, self_));
+    COWTAP_ASSIGN_OR_RETURN(auto inner, NewSimEventChannel(std::make_unique<LocalPortControl>(state_, self_)));
+    return std::unique_ptr<EventChannel>(new FaultyEventChannel(std::move(inner), state_->faults));
   }
-  Result<std::unique_ptr<XenStore>> OpenXenStore() override { return XsDb::Connect(state_->xs, self_); }
+  Result<std::unique_ptr<XenStore>> OpenXenStore() override {
+    COWTAP_ASSIGN_OR_RETURN(auto inner, XsDb::Connect(state_->xs, self_));
+    return std::unique_ptr<XenStore>(new FaultyXenStore(std::move(inner), state_->faults));
+  }
   bool DomainAlive(DomId domid) override { return state_->DomainAlive(domid); }
   DomId self_domid() const override { return self_; }
 
@@ -213,6 +297,7 @@ class SimHypervisorImpl final : public SimHypervisor {
   }
   size_t MappedGrantCount(DomId domid) override { return state_->MappedGrantCount(domid); }
   size_t OpenPortCount(DomId domid) override { return state_->OpenPortCount(domid); }
+  SimFaults& faults() override { return *state_->faults; }
 
  private:
   void Wake() {

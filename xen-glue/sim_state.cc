@@ -84,14 +84,24 @@ void UnpinLocked(SimDomain& d, GrantRef ref, bool writable) {
   if (it->second.readers == 0 && it->second.writers == 0) d.pins.erase(it);
 }
 
+// An injected unmap failure leaves everything as it was — the range
+// mapped (so no later mmap reuses the address), the refs pinned — for good.
 class SimMapping final : public GrantMapping {
  public:
-  SimMapping(std::shared_ptr<SimDomain> d, std::vector<GrantRef> refs, bool writable, uint8_t* addr)
-      : d_(std::move(d)), refs_(std::move(refs)), writable_(writable), addr_(addr) {}
+  SimMapping(std::shared_ptr<SimDomain> d, std::vector<GrantRef> refs, bool writable, uint8_t* addr,
+             std::shared_ptr<SimFaults> faults)
+      : d_(std::move(d)), refs_(std::move(refs)), writable_(writable), addr_(addr), faults_(std::move(faults)) {}
   ~SimMapping() override {
+    if (!unmapped_) Unmap().IgnoreError();
+  }
+  Status Unmap() override {
+    unmapped_ = true;
+    Status injected = faults_->Check(SimFaultPoint::kGrantUnmap, d_->domid);
+    if (!injected.ok()) return injected;
     munmap(addr_, refs_.size() * kPageSize);
     std::lock_guard lock(d_->pin_mu);
     for (GrantRef ref : refs_) UnpinLocked(*d_, ref, writable_);
+    return Status::Ok();
   }
   uint8_t* addr() const override { return addr_; }
   size_t pages() const override { return refs_.size(); }
@@ -102,6 +112,8 @@ class SimMapping final : public GrantMapping {
   std::vector<GrantRef> refs_;
   bool writable_;
   uint8_t* addr_;
+  std::shared_ptr<SimFaults> faults_;
+  bool unmapped_ = false;
 };
 
 Status SealAndCheckSize(int fd, uint64_t bytes, const char* what) {
@@ -309,6 +321,7 @@ Result<std::unique_ptr<GrantMapping>> SimState::Map(DomId self, DomId granter, s
                                    std::to_string(GrantTable::kMaxMapBatch) + " refs, got " +
                                    std::to_string(refs.size()));
   }
+  COWTAP_RETURN_IF_ERROR(faults->Check(SimFaultPoint::kGrantMap, granter));
   std::shared_ptr<SimDomain> d = FindDomain(granter);
   if (d == nullptr) return Status::NotFound("sim: grant map from unknown " + Dom(granter));
   if (!d->alive.load()) return Status::Cancelled("sim: grant map from " + Dom(granter) + ", which is dead");
@@ -351,7 +364,7 @@ Result<std::unique_ptr<GrantMapping>> SimState::Map(DomId self, DomId granter, s
     i += run;
   }
   return std::unique_ptr<GrantMapping>(
-      new SimMapping(std::move(d), {refs.begin(), refs.end()}, writable, static_cast<uint8_t*>(base)));
+      new SimMapping(std::move(d), {refs.begin(), refs.end()}, writable, static_cast<uint8_t*>(base), faults));
 }
 
 Status SimState::Copy(DomId self, std::span<GrantCopyOp> ops) {

@@ -22,6 +22,7 @@
 #include <mutex>
 
 #include "xen-glue/platform.h"
+#include "xen-glue/sim.h"
 #include "xen-glue/sim_wire.h"
 #include "xen-glue/xs_db.h"
 
@@ -58,6 +59,8 @@ class SimState {
   SimState() : xs(std::make_shared<XsDb>()) {}
 
   const std::shared_ptr<XsDb> xs;
+  // Faults for the backend's calls; mappings keep it for their unmap.
+  const std::shared_ptr<SimFaults> faults = std::make_shared<SimFaults>();
 
   // Registers a domain from a guest's hello: validates sizes, seals the
   // memfds against shrinking and maps the grant table. domid 0 = pick one.

@@ -109,6 +109,34 @@ TEST_F(SimTest, MappedPagesAreSharedBothWays) {
   EXPECT_EQ(hv_->MappedGrantCount(5), 0u);
 }
 
+TEST_F(SimTest, InjectedMapFaultFailsTheNthCallOfThatDomainOnly) {
+  GrantRef refs[] = {Grant(*guest_->AllocPage())};
+  SimFaultRule rule;
+  rule.domid = 5;
+  rule.skip = 1;  // the second call
+  hv_->faults().Set(SimFaultPoint::kGrantMap, rule);
+  EXPECT_TRUE(gt_->Map(5, refs, true).ok());
+  auto failed = gt_->Map(5, refs, true);
+  EXPECT_EQ(failed.status().code(), ErrorCode::kIoError);
+  EXPECT_THAT(failed.status().message(), ::testing::HasSubstr("injected grant map failure for domain 5"));
+  EXPECT_TRUE(gt_->Map(5, refs, true).ok()) << "count 1: only one call fails";
+  EXPECT_EQ(hv_->faults().fired(SimFaultPoint::kGrantMap), 1u);
+  EXPECT_EQ(hv_->MappedGrantCount(5), 0u);
+}
+
+TEST_F(SimTest, InjectedUnmapFaultLeavesTheRefPinnedForGood) {
+  GrantRef refs[] = {Grant(*guest_->AllocPage())};
+  auto m = gt_->Map(5, refs, true);
+  ASSERT_TRUE(m.ok());
+  SimFaultRule rule;
+  rule.domid = 5;
+  hv_->faults().Set(SimFaultPoint::kGrantUnmap, rule);
+  EXPECT_EQ((*m)->Unmap().code(), ErrorCode::kIoError);
+  m->reset();  // the destructor does not retry
+  EXPECT_EQ(hv_->MappedGrantCount(5), 1u);
+  EXPECT_EQ(guest_->EndAccess(refs[0]).code(), ErrorCode::kBusy) << "as after a failed unmap in Xen";
+}
+
 TEST_F(SimTest, MapRejectsRefBeyondTable) {
   GrantRef refs[] = {guest_->grant_entries()};
   auto m = gt_->Map(5, refs, false);
