@@ -118,6 +118,7 @@ void Daemon::Shutdown() {
     vbds_.clear();
     for (auto& v : stopping_) all.push_back(v);
     stopping_.clear();
+    remove_when_stopped_.clear();
   }
   if (!all.empty()) spdlog::info("cowtapd: detaching {} VBD(s)", all.size());
   // All at once: one slow device does not delay the others' release.
@@ -215,13 +216,22 @@ void Daemon::Rescan() {
       vbd->RequestStop();
       stopping_.push_back(vbd);
       if (it->second.sim_owned && present.count(key)) {
-        // We played the toolstack: clean up as libxl does after a domain dies.
-        remove_dirs.push_back(DiskOf(key.type, key.domid, key.devid));
+        // We played the toolstack: clean up as libxl does after a domain
+        // dies, once the worker has written its last state.
+        remove_when_stopped_.emplace_back(vbd, DiskOf(key.type, key.domid, key.devid));
       }
       vbds_.erase(it);
     }
     for (const Key& key : present) {
       if (!vbds_.count(key) && !retired_.count(key)) StartVbd(key, sim_owned_.count(key) > 0);
+    }
+    for (auto it = remove_when_stopped_.begin(); it != remove_when_stopped_.end();) {
+      if (it->first->finished()) {
+        remove_dirs.push_back(it->second);
+        it = remove_when_stopped_.erase(it);
+      } else {
+        ++it;
+      }
     }
     for (auto it = stopping_.begin(); it != stopping_.end();) {
       if ((*it)->finished()) {
@@ -233,8 +243,6 @@ void Daemon::Rescan() {
     }
   }
   if (!remove_dirs.empty()) {
-    // Only after the worker is done with the directory would be tidier, but
-    // a Vbd whose domain is gone writes nothing more there.
     std::lock_guard lock(control_mu_);
     for (const auto& d : remove_dirs) {
       Status s = ToolstackRemoveDisk(*control_store_, d);

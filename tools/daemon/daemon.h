@@ -35,6 +35,7 @@
 #include "cow/image.h"
 #include "tools/daemon/control.h"
 #include "tools/daemon/managed_vbd.h"
+#include "tools/daemon/toolstack.h"
 #include "xen-glue/platform.h"
 #include "xen-glue/sim.h"
 
@@ -134,6 +135,10 @@ class Daemon final : public DaemonControl {
   std::map<std::string, ExportEntry> exports_;  // GUARDED_BY(exports_mu_)
   // Entries out of the table whose worker is still finishing.
   std::vector<std::shared_ptr<ManagedVbd>> stopping_;  // GUARDED_BY(mu_)
+  // Directories of sim-owned VBDs to remove once their worker has finished
+  // (a worker that is still tearing down writes its last state there, which
+  // would recreate a directory removed earlier).
+  std::vector<std::pair<std::shared_ptr<ManagedVbd>, ToolstackDisk>> remove_when_stopped_;  // GUARDED_BY(mu_)
 };
 
 // Parses "<domid>/<devid>".
