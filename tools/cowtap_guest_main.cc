@@ -57,6 +57,11 @@ int main(int argc, char** argv) {
   app.add_option("--reconnects", o.reconnects, "disconnect/reconnect cycles (scenario reconnect)");
   app.add_option("--misbehave-wait-ms", o.misbehave_wait_ms, "wait for answers to bad requests");
   app.add_option("--model-out", o.model_out, "write the workload's final model (uint32 LE per sector)");
+  app.add_option("--initial-model", o.initial_model, "the region's model at start (the --model-out format)");
+  app.add_option("--first-generation", o.workload.first_generation, "generation of the first write");
+  app.add_option("--op-seed", o.workload.op_seed, "seed of the op choice (0: --seed)");
+  app.add_option("--journal", o.workload.journal_path,
+                 "append every request issued and answered here (xen-glue/workload_journal.h)");
   app.add_option("--log-level", log_level, "spdlog level");
   CLI11_PARSE(app, argc, argv);
 

@@ -1,13 +1,12 @@
 #include "xen-glue/blkfront_guest.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <fstream>
 #include <optional>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "base/endian.h"
 
@@ -122,15 +121,12 @@ void RunWorkload(BlkFront& front, const GuestRunOptions& o, Checks& checks, std:
   for (const std::string& m : report->mismatch_details) out << "mismatch: " << m << "\n";
   checks.Expect(report->passed(), name, fmt::format("{} errors, {} mismatches", report->errors, report->mismatches));
   if (!o.model_out.empty()) {
-    std::ofstream f(o.model_out, std::ios::binary | std::ios::trunc);
     const uint64_t start = o.workload.region_start;
     const uint64_t count = o.workload.region_sectors ? o.workload.region_sectors : front.sectors() - start;
-    for (uint64_t s = start; s < start + count; ++s) {
-      uint8_t le[4];
-      StoreLe32(le, w->ModelGeneration(s));
-      f.write(reinterpret_cast<const char*>(le), 4);
-    }
-    checks.Expect(f.good(), "model-written", "could not write " + o.model_out);
+    std::vector<uint32_t> tags;
+    tags.reserve(count);
+    for (uint64_t s = start; s < start + count; ++s) tags.push_back(w->ModelGeneration(s));
+    checks.ExpectOk(WriteModelFile(o.model_out, tags), "model-written");
   }
 }
 
@@ -233,7 +229,16 @@ const std::vector<std::string>& GuestScenarios() {
   return kNames;
 }
 
-int RunGuest(const GuestRunOptions& o, std::ostream& out) {
+int RunGuest(const GuestRunOptions& options, std::ostream& out) {
+  GuestRunOptions o = options;
+  if (!o.initial_model.empty()) {
+    auto tags = ReadModelFile(o.initial_model);
+    if (!tags.ok()) {
+      out << "setup error: " << tags.status().ToString() << std::endl;
+      return 2;
+    }
+    o.workload.initial_tags = std::move(*tags);
+  }
   SimGuestOptions go;
   go.domid = o.domid;
   go.ram_pages = o.ram_pages;

@@ -38,6 +38,7 @@ struct GuestRunOptions {
   uint32_t reconnects = 1;       // reconnect: disconnect/reconnect cycles
   int misbehave_wait_ms = 1500;  // how long to wait for answers to bad requests
   std::string model_out;         // write the workload's final model here (uint32 LE per sector)
+  std::string initial_model;     // the region's model tags at start (same format; empty: initial content)
 };
 
 // Runs the scenario and returns the process exit code (0 / 1 / 2).

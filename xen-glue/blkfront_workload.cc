@@ -12,10 +12,9 @@
 namespace cowtap::xen {
 namespace {
 
-// A model tag: the generation of the last write (0 = initial content), with
-// the top bit set when a discard may also have left the sector zeroed.
-constexpr uint32_t kMayBeZero = 0x80000000u;
-constexpr uint32_t kGenerationMask = 0x7fffffffu;
+// Model tags are those of workload_journal.h.
+constexpr uint32_t kMayBeZero = kTagMayBeZero;
+constexpr uint32_t kGenerationMask = kTagGenerationMask;
 // Largest region the model covers (8 GiB of 512-byte sectors: 64 MiB of tags).
 constexpr uint64_t kMaxModelSectors = uint64_t{1} << 24;
 constexpr size_t kMaxLatencySamples = size_t{1} << 20;
@@ -129,8 +128,24 @@ Result<Workload> Workload::Create(BlockTarget& target, const WorkloadOptions& op
   if (options.barrier_percent > 0 && !target.Supports(BlkOp::kWriteBarrier)) {
     return Status::NotSupported("the device did not negotiate barriers; set barrier_percent to 0");
   }
-  w.model_.assign(w.region_sectors_, 0);
-  w.rng_state_ = options.seed;
+  if (!options.initial_tags.empty() && options.initial_tags.size() != w.region_sectors_) {
+    return Status::InvalidArgument(fmt::format("initial model has {} tags for a region of {} sectors",
+                                               options.initial_tags.size(), w.region_sectors_));
+  }
+  if (options.first_generation == 0 || options.first_generation >= kGenerationMask) {
+    return Status::InvalidArgument(
+        fmt::format("first generation {} must be 1..{}", options.first_generation, kGenerationMask - 1));
+  }
+  if (options.initial_tags.empty()) {
+    w.model_.assign(w.region_sectors_, 0);
+  } else {
+    w.model_ = options.initial_tags;
+  }
+  w.next_generation_ = options.first_generation;
+  w.rng_state_ = options.op_seed != 0 ? options.op_seed : options.seed;
+  if (!options.journal_path.empty()) {
+    COWTAP_ASSIGN_OR_RETURN(w.journal_, JournalWriter::Create(options.journal_path));
+  }
   w.buffers_.resize(options.queue_depth);
   for (uint32_t i = 0; i < options.queue_depth; ++i) {
     w.buffers_[i].resize(size_t{options.block_sectors} * kGuestSectorBytes);
@@ -140,6 +155,15 @@ Result<Workload> Workload::Create(BlockTarget& target, const WorkloadOptions& op
 }
 
 uint64_t Workload::NextRandom() { return SplitMix64(&rng_state_); }
+
+Status Workload::Journal(const JournalRecord& record, bool commit) {
+  if (!journal_) return Status::Ok();
+  journal_->Add(record);
+  if (!commit) return Status::Ok();
+  Status s = journal_->Commit();
+  if (!s.ok() && journal_status_.ok()) journal_status_ = s;
+  return s;
+}
 
 bool Workload::Overlaps(uint64_t sector, uint32_t nr) const {
   for (const InFlight& f : in_flight_) {
@@ -203,19 +227,28 @@ Status Workload::Issue(BlkOp op, uint64_t sector, uint32_t nr) {
       }
     }
   }
+  const bool is_write = op == BlkOp::kWrite || op == BlkOp::kWriteBarrier;
+  if (journal_) {
+    // The intent reaches the journal before the backend can see the request.
+    const JournalRecordType type = is_write              ? JournalRecordType::kWriteIssued
+                                   : op == BlkOp::kFlush ? JournalRecordType::kFlushIssued
+                                                         : JournalRecordType::kDiscardIssued;
+    if (op != BlkOp::kRead) {
+      COWTAP_RETURN_IF_ERROR(Journal({type, op == BlkOp::kFlush ? 0 : nr, is_write ? next_generation_ : 0,
+                                      op == BlkOp::kFlush ? 0 : sector, io.cookie},
+                                     true));
+    }
+  }
+  // Cookies and generations are never reused, even when the submit fails,
+  // so each journal record names one request.
+  if (is_write) next_generation_ = (next_generation_ % (kGenerationMask - 1)) + 1;
   const uint64_t start = NowNs();
   Status s = target_->Submit(io);
-  if (!s.ok()) {
-    next_cookie_--;
-    return s;
-  }
+  if (!s.ok()) return s;
   if (buffer_index != UINT32_MAX) free_buffers_.pop_back();
-  if (op == BlkOp::kWrite || op == BlkOp::kWriteBarrier) {
-    // The model takes the new generation when the write completes OK; no
-    // overlapping request is issued meanwhile.
-    next_generation_ = (next_generation_ % kGenerationMask) + 1;
-    ++writes_since_flush_;
-  }
+  // The model takes the new generation when the write completes OK; no
+  // overlapping request is issued meanwhile.
+  if (is_write) ++writes_since_flush_;
   in_flight_.push_back({io.cookie, op, op == BlkOp::kFlush ? 0 : sector, op == BlkOp::kFlush ? 0 : nr,
                         buffer_index, start});
   ++issued_;
@@ -231,7 +264,9 @@ void Workload::VerifyRead(uint64_t sector, uint32_t nr, const uint8_t* data) {
     const uint8_t* got = data + size_t{i} * kGuestSectorBytes;
     const bool may_be_zero = (tag & kMayBeZero) != 0;
     bool ok;
-    if (generation == 0 && options_.initial == InitialContent::kUnknown) {
+    if (tag == kTagZero) {
+      ok = AllZero(got, kGuestSectorBytes);
+    } else if (generation == 0 && options_.initial == InitialContent::kUnknown) {
       continue;
     } else if (generation == 0 && options_.initial == InitialContent::kZero) {
       ok = AllZero(got, kGuestSectorBytes);
@@ -242,6 +277,7 @@ void Workload::VerifyRead(uint64_t sector, uint32_t nr, const uint8_t* data) {
     ++report_.verified_sectors;
     if (ok) continue;
     ++report_.mismatches;
+    Journal({JournalRecordType::kReadMismatch, 1, LoadLe32(got + 8), s, 0}, true).IgnoreError();
     if (report_.mismatch_details.size() < options_.max_mismatch_reports) {
       report_.mismatch_details.push_back(fmt::format(
           "sector {}: expected generation {}{}, found a sector stamped (sector {}, generation {}){}", s, generation,
@@ -291,16 +327,20 @@ void Workload::Complete(const BlkCompletion& c) {
       for (uint32_t i = 0; i < f.nr_sectors; ++i) {
         if (ok) model_[f.sector + i - region_start_] = generation;
       }
+      if (ok)
+        Journal({JournalRecordType::kWriteAcked, f.nr_sectors, generation, f.sector, f.cookie}, false).IgnoreError();
       break;
     }
     case BlkOp::kFlush:
       ++report_.flushes;
+      if (ok) Journal({JournalRecordType::kFlushAcked, 0, 0, 0, f.cookie}, true).IgnoreError();
       break;
     case BlkOp::kDiscard:
     case BlkOp::kSecureDiscard:
       ++report_.discards;
       if (ok) {
         for (uint32_t i = 0; i < f.nr_sectors; ++i) model_[f.sector + i - region_start_] |= kMayBeZero;
+        Journal({JournalRecordType::kDiscardAcked, f.nr_sectors, 0, f.sector, f.cookie}, false).IgnoreError();
       }
       break;
   }
@@ -354,6 +394,8 @@ Result<WorkloadReport> Workload::Run() {
     COWTAP_RETURN_IF_ERROR(Reap(can_issue ? 0 : options_.poll_timeout_ms));
   }
   while (!in_flight_.empty()) COWTAP_RETURN_IF_ERROR(Reap(options_.poll_timeout_ms));
+  COWTAP_RETURN_IF_ERROR(journal_status_);
+  if (journal_) COWTAP_RETURN_IF_ERROR(journal_->Commit());
   report_.elapsed_s = (NowNs() - start) / 1e9;
   if (options_.final_verify) COWTAP_RETURN_IF_ERROR(FinalVerify());
   if (!latencies_us_.empty()) {

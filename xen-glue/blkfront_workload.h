@@ -10,15 +10,22 @@
 // every read is exact. A discard makes its sectors "zero or previous" (the
 // backend may leave unaligned heads and tails unchanged).
 //
+// With a journal (workload_journal.h) the workload also records every request
+// it issues and every answer, so a checker can tell what the disk must hold
+// after the backend was killed; with initial tags and a first generation it
+// continues on a disk an earlier run left behind.
+//
 // Thread-safety: one Workload is run by one thread.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "base/status.h"
 #include "xen-glue/blkfront_io.h"
+#include "xen-glue/workload_journal.h"
 
 namespace cowtap::xen {
 
@@ -47,6 +54,12 @@ struct WorkloadOptions {
   bool final_verify = true;       // read the whole region back at the end
   uint32_t max_mismatch_reports = 8;
   int poll_timeout_ms = 10000;    // a request not answered in this time is an error
+  // What each sector of the region holds at start, as model tags
+  // (workload_journal.h); empty: every sector holds its initial content.
+  std::vector<uint32_t> initial_tags;
+  uint32_t first_generation = 1;  // generation of the first write (1..kTagGenerationMask-1)
+  uint64_t op_seed = 0;           // seeds the choice of ops (0: seed); seed stamps the data
+  std::string journal_path;       // record requests and answers here (empty: no journal)
 };
 
 struct WorkloadReport {
@@ -76,7 +89,8 @@ class Workload {
   // broken, request timed out); data errors are counted in the report.
   Result<WorkloadReport> Run();
 
-  // The generation the model expects for a sector of the region (tests).
+  // The model tag of a sector of the region: the generation the model
+  // expects, flagged as in workload_journal.h (tests, --model-out).
   uint32_t ModelGeneration(uint64_t sector) const { return model_[sector - region_start_]; }
 
  private:
@@ -96,6 +110,7 @@ class Workload {
   Status Reap(int timeout_ms);
   void Complete(const BlkCompletion& c);
   void VerifyRead(uint64_t sector, uint32_t nr, const uint8_t* data);
+  Status Journal(const JournalRecord& record, bool commit);
   Status FinalVerify();
   uint64_t NextRandom();
 
@@ -116,6 +131,8 @@ class Workload {
   std::vector<uint32_t> latencies_us_;
   uint64_t latency_samples_seen_ = 0;
   WorkloadReport report_;
+  std::unique_ptr<JournalWriter> journal_;
+  Status journal_status_;
 };
 
 }  // namespace cowtap::xen
