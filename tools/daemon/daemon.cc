@@ -225,13 +225,9 @@ void Daemon::Rescan() {
     for (const Key& key : present) {
       if (!vbds_.count(key) && !retired_.count(key)) StartVbd(key, sim_owned_.count(key) > 0);
     }
-    for (auto it = remove_when_stopped_.begin(); it != remove_when_stopped_.end();) {
-      if (it->first->finished()) {
-        remove_dirs.push_back(it->second);
-        it = remove_when_stopped_.erase(it);
-      } else {
-        ++it;
-      }
+    // Left in remove_when_stopped_ (so vbd_count counts them) until removed.
+    for (const auto& [v, disk] : remove_when_stopped_) {
+      if (v->finished()) remove_dirs.push_back(disk);
     }
     for (auto it = stopping_.begin(); it != stopping_.end();) {
       if ((*it)->finished()) {
@@ -249,6 +245,12 @@ void Daemon::Rescan() {
       if (!s.ok()) spdlog::warn("[vbd {}/{}] {}", d.domid, d.devid, s.ToString());
       std::lock_guard table(mu_);
       sim_owned_.erase(Key{d.backend_type, d.domid, d.devid});
+      // Gone from xenstore by our hand: the next Attach need not wait for a
+      // rescan to see that.
+      if (s.ok()) retired_.erase(Key{d.backend_type, d.domid, d.devid});
+      std::erase_if(remove_when_stopped_, [&](const auto& e) {
+        return e.second.domid == d.domid && e.second.devid == d.devid && e.second.backend_type == d.backend_type;
+      });
     }
   }
 }
@@ -291,6 +293,8 @@ size_t Daemon::vbd_count() {
   std::lock_guard lock(mu_);
   size_t n = vbds_.size();
   for (const auto& v : stopping_) n += v->finished() ? 0 : 1;
+  // Finished, but its toolstack directories are not removed yet.
+  for (const auto& [v, disk] : remove_when_stopped_) n += v->finished() ? 1 : 0;
   return n;
 }
 
