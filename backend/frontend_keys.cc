@@ -13,48 +13,35 @@ std::string Shown(std::string_view text) {
   return out;
 }
 
-// The value at path, or nullopt if the node does not exist.
-Result<std::optional<std::string>> ReadOptional(xen::XenStore& store, const std::string& path) {
-  auto v = store.Read(path);
-  if (v.ok()) return std::optional<std::string>(std::move(v).value());
-  if (v.status().code() == ErrorCode::kNotFound) return std::optional<std::string>();
-  return v.status();
-}
-
-Result<uint64_t> ReadNumber(xen::XenStore& store, const std::string& path, uint64_t max) {
-  auto v = store.Read(path);
-  if (!v.ok()) {
-    if (v.status().code() == ErrorCode::kNotFound) {
-      return Status::InvalidArgument(fmt::format("frontend key {} is missing", path));
-    }
-    return v.status();
-  }
+Result<uint64_t> ReadNumber(const KeyReader& read, const std::string& path, uint64_t max) {
+  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> v, read(path));
+  if (!v) return Status::InvalidArgument(fmt::format("frontend key {} is missing", path));
   return ParseDecimal(*v, max, path);
 }
 
-Result<uint64_t> ReadNumberOr(xen::XenStore& store, const std::string& path, uint64_t max, uint64_t dflt) {
-  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> v, ReadOptional(store, path));
+Result<uint64_t> ReadNumberOr(const KeyReader& read, const std::string& path, uint64_t max, uint64_t dflt) {
+  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> v, read(path));
   if (!v) return dflt;
   return ParseDecimal(*v, max, path);
 }
 
-Result<QueueKeys> ReadQueue(xen::XenStore& store, const std::string& dir, uint32_t order) {
+Result<QueueKeys> ReadQueue(const KeyReader& read, const std::string& dir, uint32_t order) {
   QueueKeys q;
   const uint32_t pages = 1u << order;
   if (order == 0) {
     // Single page: "ring-ref"; some frontends write "ring-ref0" instead.
-    COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> single, ReadOptional(store, xen::XsJoin(dir, "ring-ref")));
+    COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> single, read(xen::XsJoin(dir, "ring-ref")));
     std::string path = xen::XsJoin(dir, single ? "ring-ref" : "ring-ref0");
-    COWTAP_ASSIGN_OR_RETURN(uint64_t ref, ReadNumber(store, path, UINT32_MAX));
+    COWTAP_ASSIGN_OR_RETURN(uint64_t ref, ReadNumber(read, path, UINT32_MAX));
     q.ring_refs.push_back(static_cast<xen::GrantRef>(ref));
   } else {
     for (uint32_t i = 0; i < pages; ++i) {
       COWTAP_ASSIGN_OR_RETURN(uint64_t ref,
-                              ReadNumber(store, xen::XsJoin(dir, fmt::format("ring-ref{}", i)), UINT32_MAX));
+                              ReadNumber(read, xen::XsJoin(dir, fmt::format("ring-ref{}", i)), UINT32_MAX));
       q.ring_refs.push_back(static_cast<xen::GrantRef>(ref));
     }
   }
-  COWTAP_ASSIGN_OR_RETURN(uint64_t port, ReadNumber(store, xen::XsJoin(dir, "event-channel"), UINT32_MAX));
+  COWTAP_ASSIGN_OR_RETURN(uint64_t port, ReadNumber(read, xen::XsJoin(dir, "event-channel"), UINT32_MAX));
   q.event_channel = static_cast<xen::EvtchnPort>(port);
   return q;
 }
@@ -78,11 +65,24 @@ Result<uint64_t> ParseDecimal(std::string_view text, uint64_t max, std::string_v
   return v;
 }
 
+KeyReader StoreKeyReader(xen::XenStore& store) {
+  return [&store](const std::string& path) -> Result<std::optional<std::string>> {
+    auto v = store.Read(path);
+    if (v.ok()) return std::optional<std::string>(std::move(v).value());
+    if (v.status().code() == ErrorCode::kNotFound) return std::optional<std::string>();
+    return v.status();
+  };
+}
+
 Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& frontend_dir,
                                       const BackendOffer& offer) {
+  return ParseFrontendKeys(StoreKeyReader(store), frontend_dir, offer);
+}
+
+Result<FrontendKeys> ParseFrontendKeys(const KeyReader& read, const std::string& frontend_dir,
+                                       const BackendOffer& offer) {
   FrontendKeys keys;
-  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> protocol,
-                          ReadOptional(store, xen::XsJoin(frontend_dir, "protocol")));
+  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> protocol, read(xen::XsJoin(frontend_dir, "protocol")));
   if (protocol) {
     auto abi = ParseProtocol(*protocol);
     if (!abi.ok()) return Status::InvalidArgument(abi.status().message());
@@ -90,17 +90,17 @@ Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& f
   }
 
   COWTAP_ASSIGN_OR_RETURN(
-      uint64_t order, ReadNumberOr(store, xen::XsJoin(frontend_dir, "ring-page-order"), offer.max_ring_page_order, 0));
+      uint64_t order, ReadNumberOr(read, xen::XsJoin(frontend_dir, "ring-page-order"), offer.max_ring_page_order, 0));
   keys.ring_page_order = static_cast<uint32_t>(order);
   COWTAP_ASSIGN_OR_RETURN(uint64_t persistent,
-                          ReadNumberOr(store, xen::XsJoin(frontend_dir, "feature-persistent"), 1, 0));
+                          ReadNumberOr(read, xen::XsJoin(frontend_dir, "feature-persistent"), 1, 0));
   keys.persistent = offer.persistent && persistent == 1;
   COWTAP_ASSIGN_OR_RETURN(uint64_t large,
-                          ReadNumberOr(store, xen::XsJoin(frontend_dir, "feature-large-sector-size"), 1, 0));
+                          ReadNumberOr(read, xen::XsJoin(frontend_dir, "feature-large-sector-size"), 1, 0));
   keys.large_sector_size = large == 1;
 
   COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> nq_text,
-                          ReadOptional(store, xen::XsJoin(frontend_dir, "multi-queue-num-queues")));
+                          read(xen::XsJoin(frontend_dir, "multi-queue-num-queues")));
   uint64_t queues = 1;
   if (nq_text) {
     COWTAP_ASSIGN_OR_RETURN(
@@ -113,7 +113,7 @@ Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& f
   for (uint64_t q = 0; q < queues; ++q) {
     // One queue uses the top-level keys even when the count was written.
     const std::string dir = queues == 1 ? frontend_dir : xen::XsJoin(frontend_dir, fmt::format("queue-{}", q));
-    COWTAP_ASSIGN_OR_RETURN(QueueKeys qk, ReadQueue(store, dir, keys.ring_page_order));
+    COWTAP_ASSIGN_OR_RETURN(QueueKeys qk, ReadQueue(read, dir, keys.ring_page_order));
     keys.queues.push_back(std::move(qk));
   }
   return keys;

@@ -10,10 +10,13 @@
 // value is kInvalidArgument naming the full key path and the value, so the
 // VBD can report it and close instead of guessing.
 //
-// Pure functions over a XenStore handle; thread-safety as the handle's.
+// ParseFrontendKeys is pure over a KeyReader (the fuzz target feeds it a
+// map); ReadFrontendKeys runs it over a XenStore handle, thread-safety as
+// the handle's.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -49,7 +52,16 @@ struct FrontendKeys {
 // names `what` and the text.
 Result<uint64_t> ParseDecimal(std::string_view text, uint64_t max, std::string_view what);
 
-// Reads and checks the frontend's keys under frontend_dir.
+// Reads one xenstore key by full path: its value, nullopt if the node does
+// not exist, or why it could not be read.
+using KeyReader = std::function<Result<std::optional<std::string>>(const std::string& path)>;
+// A KeyReader over a XenStore handle (kNotFound becomes nullopt).
+KeyReader StoreKeyReader(xen::XenStore& store);
+
+// Checks the frontend's keys under frontend_dir, read through `read`.
+Result<FrontendKeys> ParseFrontendKeys(const KeyReader& read, const std::string& frontend_dir,
+                                       const BackendOffer& offer);
+// ParseFrontendKeys over store.
 Result<FrontendKeys> ReadFrontendKeys(xen::XenStore& store, const std::string& frontend_dir, const BackendOffer& offer);
 
 }  // namespace cowtap::backend

@@ -31,32 +31,30 @@ Result<DiskSource> ParseParams(std::string_view params) {
 }
 
 Result<DiskSource> ReadDiskSource(xen::XenStore& store, const std::string& backend_path) {
-  auto read = [&](const char* key) { return store.Read(xen::XsJoin(backend_path, key)); };
+  return ParseDiskSource(backend::StoreKeyReader(store), backend_path);
+}
+
+Result<DiskSource> ParseDiskSource(const backend::KeyReader& read_key, const std::string& backend_path) {
+  auto read = [&](const char* key) { return read_key(xen::XsJoin(backend_path, key)); };
   DiskSource source;
   auto target = read("target");
-  if (target.ok() && !target->empty()) {
-    source.path = *target;
-    auto format = read("format");
-    if (format.ok()) {
+  if (target.ok() && *target && !(*target)->empty()) {
+    source.path = **target;
+    COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> format, read("format"));
+    if (format) {
       COWTAP_ASSIGN_OR_RETURN(source.format, NormalizeFormat(*format));
-    } else if (format.status().code() != ErrorCode::kNotFound) {
-      return format.status();
     }
   } else {
-    auto params = read("params");
-    if (!params.ok()) {
-      return params.status().Annotate(fmt::format("{}: neither 'target' nor 'params' names the image", backend_path));
+    COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> params, read("params"));
+    if (!params) {
+      return Status::NotFound(fmt::format("{}: neither 'target' nor 'params' names the image", backend_path));
     }
     auto parsed = ParseParams(*params);
     if (!parsed.ok()) return parsed.status().Annotate(xen::XsJoin(backend_path, "params"));
     source = std::move(parsed).value();
   }
-  auto mode = read("mode");
-  if (mode.ok()) {
-    source.writable = !(mode->size() > 0 && mode->front() == 'r' && *mode != "rw");
-  } else if (mode.status().code() != ErrorCode::kNotFound) {
-    return mode.status();
-  }
+  COWTAP_ASSIGN_OR_RETURN(std::optional<std::string> mode, read("mode"));
+  if (mode) source.writable = !(mode->size() > 0 && mode->front() == 'r' && *mode != "rw");
   return source;
 }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "backend/frontend_keys.h"
 #include "base/status.h"
 #include "xen-glue/platform.h"
 
@@ -30,7 +31,10 @@ Result<DiskSource> ParseParams(std::string_view params);
 // "" = probe) to cowtap's name; kNotSupported otherwise.
 Result<std::string> NormalizeFormat(std::string_view format);
 
-// Reads params / target / format / mode from a backend directory.
+// Reads params / target / format / mode from a backend directory through
+// `read` (pure; the fuzz target feeds it a map).
+Result<DiskSource> ParseDiskSource(const backend::KeyReader& read, const std::string& backend_path);
+// ParseDiskSource over store.
 Result<DiskSource> ReadDiskSource(xen::XenStore& store, const std::string& backend_path);
 
 }  // namespace cowtap::daemon
