@@ -188,6 +188,7 @@ Status Qcow2Image::PlanReadLocked(uint64_t offset, IoVecs iov, std::vector<Piece
       COWTAP_RETURN_IF_ERROR(ReadCluster(ref, in, sub));
     }
     PublishRemap(ref);
+    ReadAheadRemaps(ref);
   }
   return Status::Ok();
 }

@@ -292,5 +292,60 @@ TEST_F(Qcow2AsyncTest, DiscardWaitsForAllocationsInFlightInItsRange) {
   EXPECT_EQ(check->ExitCode(), 0) << (check->messages.empty() ? "" : check->messages[0]);
 }
 
+// A reader that misses the remap cache where the cluster before is known
+// (or at a slice start) gets the rest of the slice published: a sequential
+// reader then stays on the fast path.
+TEST_F(Qcow2AsyncTest, SequentialReaderIsServedFromReadAheadRemaps) {
+  for (uint64_t c = 0; c < 8; ++c) ASSERT_TRUE(Write(c * kCluster, kCluster, static_cast<uint8_t>(0x40 + c)).ok());
+  ASSERT_TRUE(img_->Close().ok());
+  auto f = fs_->Open("a.qcow2", FileOpenOptions{.writable = true});
+  ASSERT_TRUE(f.ok());
+  OpenOptions oo;
+  oo.fs = fs_.get();
+  auto img = Qcow2Image::Open(std::move(f).value(), "a.qcow2", oo, nullptr);
+  ASSERT_TRUE(img.ok()) << img.status().ToString();
+  img_ = std::move(img).value();
+  ASSERT_EQ(img_->remap_cache()->Stats().size, 0u);
+  for (uint64_t c = 0; c < 10; ++c) EXPECT_EQ(Read(c * kCluster, kCluster)[kCluster - 1], c < 8 ? 0x40 + c : 0);
+  const ImageIoStats s = img_->io_stats();
+  EXPECT_EQ(s.slow_reads, 1u);
+  EXPECT_EQ(s.fast_reads, 9u);
+  // The published states are the L2 tables': allocated ones writable in
+  // place, unallocated ones zero (no backing file).
+  auto m = img_->LookupRemap(5);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->host_offset, HostOf(5));
+  EXPECT_TRUE(m->flags & Remap::kWritable);
+  m = img_->LookupRemap(9);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_TRUE(m->flags & Remap::kZero);
+}
+
+// Entries published ahead obey the same invalidation as any other: an
+// allocation, a discard and a zeroing of such clusters are seen at once.
+TEST_F(Qcow2AsyncTest, ReadAheadRemapsFollowLaterAllocationsDiscardsAndZeroing) {
+  ASSERT_TRUE(Write(0, kCluster, 0x11).ok());
+  ASSERT_TRUE(Write(2 * kCluster, 2 * kCluster, 0x22).ok());
+  img_->remap_cache()->Clear();
+  EXPECT_EQ(Read(0, 512)[0], 0x11);  // a slice start: clusters 1.. published
+  ASSERT_TRUE(img_->LookupRemap(1).has_value());
+  ASSERT_TRUE(img_->LookupRemap(3).has_value());
+  ASSERT_TRUE(img_->LookupRemap(6).has_value());
+  ASSERT_TRUE(Write(kCluster, kCluster, 0x33).ok());  // allocates cluster 1
+  ASSERT_TRUE(img_->Discard(2 * kCluster, kCluster).ok());
+  ASSERT_TRUE(img_->WriteZeroes(3 * kCluster, kCluster, /*may_unmap=*/false).ok());
+  ASSERT_TRUE(Write(6 * kCluster, 4096, 0x66).ok());  // allocates cluster 6 (head written, tail zero)
+  EXPECT_EQ(Read(kCluster, kCluster)[kCluster - 1], 0x33);
+  EXPECT_EQ(Read(2 * kCluster, kCluster)[100], 0);
+  EXPECT_EQ(Read(3 * kCluster, kCluster)[100], 0);
+  auto six = Read(6 * kCluster, kCluster);
+  EXPECT_EQ(six[0], 0x66);
+  EXPECT_EQ(six[4096], 0);
+  ASSERT_TRUE(img_->Close().ok());
+  auto check = CheckImage("a.qcow2", CheckOptions{.fs = fs_.get()});
+  ASSERT_TRUE(check.ok());
+  EXPECT_EQ(check->ExitCode(), 0) << (check->messages.empty() ? "" : check->messages[0]);
+}
+
 }  // namespace
 }  // namespace cowtap::cow

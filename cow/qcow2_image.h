@@ -161,6 +161,14 @@ class Qcow2Image final : public Image {
   // Publishes what LookupCluster found for vc in the remap cache (whole-
   // cluster states only). REQUIRES: mu_.
   void PublishRemap(const ClusterRef& ref);
+  // Metadata read-ahead after a remap-cache miss on `ref`: when the reader
+  // seems to move forward (the cluster before is cached, or `ref` starts an
+  // L2 slice), publishes the clusters after it whose entries are in the same
+  // L2 slice (already loaded, so nothing is read), up to about 8 MiB of guest
+  // data, exactly as PublishRemap(LookupCluster(c)) would: from the current
+  // L2 state under mu_, so every later change invalidates them as it does any
+  // entry. A sequential reader then stays on the fast path. REQUIRES: mu_.
+  void ReadAheadRemaps(const ClusterRef& ref);
   Status ReadCluster(const ClusterRef& ref, uint64_t in_offset, IoVecs iov);
   Status ReadBacking(uint64_t offset, IoVecs iov);
   Status ReadHost(uint64_t host_offset, IoVecs iov, const ClusterRef& ref);

@@ -174,6 +174,26 @@ Status Qcow2Image::ReadLocked(uint64_t offset, IoVecs iov) {
   return run.Flush();
 }
 
+void Qcow2Image::ReadAheadRemaps(const ClusterRef& ref) {
+  if (!remap_ || !ref.has_l2) return;
+  const uint64_t vc = ref.vcluster;
+  if (vc > 0 && ref.index > 0 && !RemapLookup(vc - 1)) return;
+  // The rest of the slice, at most about kReadAheadBytes of guest data.
+  constexpr uint64_t kReadAheadBytes = 8ull << 20;
+  const uint64_t slice_entries = l2_cache_->entry_bytes() / h_.l2_entry_bytes();
+  const uint64_t window = std::clamp<uint64_t>(kReadAheadBytes / cluster_size_, 16, 512);
+  const uint64_t clusters = DivRoundUp(info_.size_bytes, cluster_size_);
+  if (clusters == 0) return;
+  const uint64_t last = std::min({vc + (slice_entries - 1 - ref.index), vc + window, clusters - 1});
+  for (uint64_t c = vc + 1; c <= last; ++c) {
+    // Same L2 slice: the lookup reads no metadata. A neighbour that does
+    // not resolve is left to the read that needs it (and reports it).
+    Result<ClusterRef> next = LookupCluster(c);
+    if (!next.ok()) return;
+    PublishRemap(*next);
+  }
+}
+
 void Qcow2Image::PublishRemap(const ClusterRef& ref) {
   if (!remap_) return;
   const uint64_t vc = ref.vcluster;
