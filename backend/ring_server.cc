@@ -365,12 +365,19 @@ void RingServer::Impl::Submit(std::unique_ptr<InFlight> op) {
 }
 
 void RingServer::Impl::OnComplete(InFlight* op, Status status) {
+  // Only the completion that makes the queue non-empty wakes the ring
+  // thread: the ring thread takes the whole queue at once, so every later
+  // one is taken by the drain that the first one's wakeup (or, for an inline
+  // completion, the ring thread's own drain after submitting) leads to. A
+  // batch of completions from the engine's thread costs one eventfd write.
+  bool first;
   {
     std::lock_guard lock(completed_mu_);
     op->result = std::move(status);
+    first = completed_.empty();
     completed_.push_back(op);
   }
-  if (std::this_thread::get_id() != thread_id_) {
+  if (first && std::this_thread::get_id() != thread_id_) {
     uint64_t one = 1;
     if (::write(completion_fd_, &one, sizeof(one)) < 0) spdlog::error("{}: completion wakeup lost", config_.name);
   }
