@@ -161,19 +161,21 @@ std::chrono::milliseconds WaitUnlocked(const std::string& path, std::chrono::mil
 
 struct CampaignReport {
   int kills = 0;
-  int kills_during_io = 0;  // the guest had issued at least one request
-  int leak_rounds = 0;      // qemu-img check reported leaks (all repaired)
+  int kills_during_io = 0;   // the guest had issued at least one request
+  int kills_at_startup = 0;  // while cowtapd opened the chain
+  int leak_rounds = 0;       // qemu-img check reported leaks (all repaired)
   int clean_rounds = 0;
   uint64_t records = 0, flushes_acked = 0, writes_acked = 0, discards_acked = 0;
   uint64_t durable_written_sectors = 0;  // sectors whose flushed write was checked
   double seconds = 0;
   std::string Line(uint64_t seed) const {
     return fmt::format(
-        "kill campaign: {} kills survived, seed {}, {} during guest I/O, leaks seen and repaired after {} kills, "
+        "kill campaign: {} kills survived, seed {}, {} during guest I/O, {} at daemon startup, leaks seen and repaired "
+        "after {} kills, "
         "{} clean, journal: {} records, {} writes / {} discards / {} flushes acknowledged, {} flushed sectors "
         "checked, {:.1f} s",
-        kills, seed, kills_during_io, leak_rounds, clean_rounds, records, writes_acked, discards_acked, flushes_acked,
-        durable_written_sectors, seconds);
+        kills, seed, kills_during_io, kills_at_startup, leak_rounds, clean_rounds, records, writes_acked,
+        discards_acked, flushes_acked, durable_written_sectors, seconds);
   }
 };
 
@@ -258,13 +260,22 @@ class KillCampaign {
 
   // One round: cowtapd up, a guest on it, SIGKILL after kill_after (from the
   // guest's start), the guest reaped. Returns the guest's output.
-  Result<std::string> RunRound(std::chrono::milliseconds kill_after) {
+  //
+  // With at_startup the daemon is killed kill_after from its own start,
+  // while it opens the chain and attaches, before any guest.
+  Result<std::string> RunRound(std::chrono::milliseconds kill_after, bool at_startup = false) {
     COWTAP_RETURN_IF_ERROR(xen::WriteModelFile(P("model.bin"), tags_));
     // A fresh log, so the previous daemon's "ready" is not taken for this one's.
     ::unlink(P("cowtapd.log").c_str());
     Daemon d({"--platform", "sim", "--sim-socket", P("sim.sock"), "--control-socket", P("ctl.sock"), "--log-level",
               "info", "--attach", "1:51712:" + P("top.qcow2") + ":qcow2"},
              P("cowtapd.log"));
+    if (at_startup) {
+      std::this_thread::sleep_for(kill_after);
+      d.Kill();
+      if (WaitUnlocked(P("top.qcow2"), 10s).count() < 0) return Status::Busy("top.qcow2 still locked");
+      return std::string("(killed at startup)");
+    }
     if (!d.WaitForLog("cowtapd ready", 10s)) return Status::Internal("cowtapd did not start:\n" + d.Log());
     const uint64_t flush_every = rng_.Between(2, 24);
     const uint64_t op_seed = rng_.Next() | 1;
@@ -516,9 +527,12 @@ void RunCampaign(int kills, uint64_t seed) {
   CampaignReport report;
   const auto start = std::chrono::steady_clock::now();
   for (int k = 0; k < kills; ++k) {
-    const auto delay = std::chrono::milliseconds(timing.Between(20, 400));
+    // One kill in ten lands while cowtapd starts (opens the chain, attaches).
+    const bool at_startup = timing.OneIn(10);
+    const auto delay = std::chrono::milliseconds(at_startup ? timing.Between(0, 60) : timing.Between(20, 400));
     const auto t0 = std::chrono::steady_clock::now();
-    auto round = c.RunRound(delay);
+    auto round = c.RunRound(delay, at_startup);
+    report.kills_at_startup += at_startup;
     const auto t1 = std::chrono::steady_clock::now();
     ASSERT_TRUE(round.ok()) << "kill " << k << " (seed " << seed << "): " << round.status().ToString();
     Status v = c.Verify(&report, k % kHashEvery == kHashEvery - 1 || k == kills - 1);
