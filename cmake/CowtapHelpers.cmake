@@ -41,9 +41,21 @@ endfunction()
 # COWTAP_FUZZ_SECONDS). New inputs it finds go to the build tree's corpus,
 # never into the source tree. Every fuzzer joins the target cowtap_fuzzers,
 # which `make fuzz` builds.
+#
+# Outside fuzz builds the same sources are linked with tests/fuzz/replay_main.cc
+# into ${name}_replay, and ctest fuzz_replay_${name} (labels unit, fuzz-replay)
+# feeds it every seed once: `make test` (and the ASan preset) runs each
+# target briefly with the normal compiler.
 function(cowtap_fuzzer name)
   cmake_parse_arguments(ARG "" "SEEDS" "SOURCES;DEPS" ${ARGN})
   if(NOT COWTAP_FUZZ)
+    if(COWTAP_BUILD_TESTS)
+      add_executable(${name}_replay ${ARG_SOURCES} ${PROJECT_SOURCE_DIR}/tests/fuzz/replay_main.cc)
+      target_include_directories(${name}_replay PRIVATE ${PROJECT_SOURCE_DIR})
+      target_link_libraries(${name}_replay PRIVATE ${ARG_DEPS})
+      add_test(NAME fuzz_replay_${name} COMMAND ${name}_replay ${ARG_SEEDS})
+      set_tests_properties(fuzz_replay_${name} PROPERTIES LABELS "unit;fuzz-replay" TIMEOUT 120)
+    endif()
     return()
   endif()
   if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
