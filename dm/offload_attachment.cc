@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include "dm/offload_miss_device.h"
 #include "dm/offload_planner.h"
 
 namespace cowtap::dm {
@@ -19,7 +20,10 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   if (options.prime_max_clusters > 0) {
     COWTAP_ASSIGN_OR_RETURN(a->primed_, PrimeRemapCache(*image, options.prime_max_clusters));
   }
-  a->engine_ = backend::NewImageBlockDevice(image);
+  // The miss path offers no discard and writes zeroes as data (see
+  // offload_miss_device.h): until the engine revokes before freeing, no
+  // cluster the table may route linear stops being writable in place.
+  a->engine_ = NewOffloadMissDevice(backend::NewImageBlockDevice(image));
   backend::NbdServerOptions so;
   so.address = "unix:" + options.socket_path;
   so.export_name = options.dm_name;
