@@ -45,8 +45,13 @@ Status PutFile(FileSystem& fs, const std::string& path, const uint8_t* data, siz
 
 void RunOne(const uint8_t* data, size_t size) {
   std::unique_ptr<FileSystem> fs = NewMemFileSystem();
-  std::vector<uint8_t> base(1 << 20);
-  for (size_t i = 0; i < base.size(); ++i) base[i] = static_cast<uint8_t>(i * 7 + 3);
+  // Built once: filling 1 MiB per input through coverage-instrumented -O0
+  // code was most of each run (10 inputs/s).
+  static const std::vector<uint8_t> base = [] {
+    std::vector<uint8_t> b(1 << 20);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(i * 7 + 3);
+    return b;
+  }();
   if (!PutFile(*fs, "/fuzz/base.raw", base.data(), base.size()).ok()) return;
   if (!PutFile(*fs, "/fuzz/top.img", data, size).ok()) return;
 
