@@ -42,6 +42,7 @@
 #include <thread>
 
 #include "cow/image.h"
+#include "tests/blkif/daemon_process.h"
 #include "tests/blkif/guest_process.h"
 #include "tests/interop/test_util.h"
 #include "xen-glue/blkfront_io.h"
@@ -82,57 +83,10 @@ int RunShell(const std::string& command, std::string* out = nullptr) {
 }
 
 // cowtapd as a child process, its output in a file.
-class Daemon {
+class Daemon : public blkif_test::DaemonProcess {
  public:
-  Daemon(const std::vector<std::string>& args, const std::string& log) : log_(log) {
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      std::vector<char*> argv = {const_cast<char*>(COWTAP_DAEMON_BIN)};
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-  }
-  ~Daemon() { Kill(); }
-  void Kill() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-  bool Alive() {
-    if (pid_ <= 0) return false;
-    int status;
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      return false;
-    }
-    return true;
-  }
-  std::string Log() const {
-    std::ifstream in(log_);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-  bool WaitForLog(const std::string& text, std::chrono::milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (Log().find(text) != std::string::npos) return true;
-      if (!Alive()) return false;
-      std::this_thread::sleep_for(2ms);
-    }
-    return false;
-  }
-
- private:
-  pid_t pid_ = -1;
-  std::string log_;
+  Daemon(const std::vector<std::string>& args, const std::string& log)
+      : blkif_test::DaemonProcess(COWTAP_DAEMON_BIN, args, log) {}
 };
 
 // Waits until no process holds an OFD lock on path. A SIGKILLed cowtapd's

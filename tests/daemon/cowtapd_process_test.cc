@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "cow/image.h"
+#include "tests/blkif/daemon_process.h"
 #include "tests/blkif/guest_process.h"
 #include "tests/daemon/daemon_rig.h"
 
@@ -24,51 +25,10 @@ namespace {
 using namespace std::chrono_literals;
 
 // cowtapd as a child process, its output in a file.
-class DaemonProcess {
+class DaemonProcess : public blkif_test::DaemonProcess {
  public:
-  DaemonProcess(const std::vector<std::string>& args, const std::string& log) : log_(log) {
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      std::vector<char*> argv = {const_cast<char*>(COWTAP_DAEMON_BIN)};
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-  }
-  ~DaemonProcess() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-  }
-  // Waits for exit; the exit code, or -1 (killed / timeout).
-  int Wait(std::chrono::milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(5ms);
-    }
-    return -1;
-  }
-  void Signal(int sig) { ::kill(pid_, sig); }
-  std::string Log() const {
-    std::ifstream in(log_);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-
- private:
-  pid_t pid_ = -1;
-  std::string log_;
+  DaemonProcess(const std::vector<std::string>& args, const std::string& log)
+      : blkif_test::DaemonProcess(COWTAP_DAEMON_BIN, args, log) {}
 };
 
 class CowtapdProcessTest : public ::testing::Test {

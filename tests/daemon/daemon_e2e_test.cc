@@ -21,15 +21,6 @@ using namespace std::chrono_literals;
 
 constexpr uint32_t kXvda = 51712;
 
-daemon::AttachSpec Spec(uint32_t domid, const std::string& image) {
-  daemon::AttachSpec s;
-  s.domid = domid;
-  s.devid = kXvda;
-  s.image = image;
-  s.format = "qcow2";
-  return s;
-}
-
 TEST(DaemonE2eTest, SixtyFourVbdsServeConcurrentlyWithVerifiedData) {
   auto rig = DaemonRig::Create();
   ASSERT_TRUE(rig.ok()) << rig.status().ToString();
@@ -38,7 +29,7 @@ TEST(DaemonE2eTest, SixtyFourVbdsServeConcurrentlyWithVerifiedData) {
   for (uint32_t d = 1; d <= kVbds; ++d) {
     const std::string name = "guest" + std::to_string(d) + ".qcow2";
     ASSERT_TRUE(r.MakeOverlay(name).ok());
-    Status s = r.daemon().Attach(Spec(d, r.Path(name)));
+    Status s = r.daemon().Attach(XvdaSpec(d, r.Path(name), "qcow2"));
     ASSERT_TRUE(s.ok()) << d << ": " << s.ToString();
   }
   EXPECT_EQ(r.daemon().List().size(), kVbds);
@@ -84,14 +75,14 @@ TEST(DaemonE2eTest, AttachDetachCyclesLeakNoFdsGrantsOrMemory) {
   constexpr int kCycles = 6;
   for (int i = 0; i < kCycles; ++i) {
     // A guest that comes, does I/O and goes (its death detaches the VBD).
-    ASSERT_TRUE(r.daemon().Attach(Spec(5, r.Path("g.qcow2"))).ok());
+    ASSERT_TRUE(r.daemon().Attach(XvdaSpec(5, r.Path("g.qcow2"), "qcow2")).ok());
     GuestOutcome o =
         blkif_test::RunGuest(r.GuestArgs(5, kXvda, {"--ops", "100", "--qd", "8", "--seed", std::to_string(i)}), 30s);
     ASSERT_TRUE(o.Passed()) << o.Describe() << "\n" << o.output;
     ASSERT_TRUE(WaitFor([&] { return r.daemon().vbd_count() == 0; })) << "cycle " << i;
     EXPECT_EQ(r.sim().MappedGrantCount(5), 0u);
     // A VBD attached and detached through the control interface.
-    Status attached = r.daemon().Attach(Spec(6, r.Path("g.qcow2")));
+    Status attached = r.daemon().Attach(XvdaSpec(6, r.Path("g.qcow2"), "qcow2"));
     ASSERT_TRUE(attached.ok()) << "cycle " << i << ": " << attached.ToString();
     ASSERT_TRUE(r.daemon().Detach("6/51712").ok());
     EXPECT_EQ(r.BackendKey(6, kXvda, "state"), "<absent>") << "detach removes the toolstack's directories";
@@ -112,7 +103,7 @@ TEST(DaemonE2eTest, PauseResumeUnderLoad) {
   ASSERT_TRUE(rig.ok()) << rig.status().ToString();
   DaemonRig& r = **rig;
   ASSERT_TRUE(r.MakeOverlay("p.qcow2").ok());
-  ASSERT_TRUE(r.daemon().Attach(Spec(7, r.Path("p.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(7, r.Path("p.qcow2"), "qcow2")).ok());
   auto g = GuestProcess::Start(r.GuestArgs(
       7, kXvda, {"--ops", "0", "--duration-ms", "6000", "--qd", "16", "--initial", "zero", "--flush-every", "50"}));
   ASSERT_TRUE(g.ok());
@@ -151,7 +142,7 @@ TEST(DaemonE2eTest, StatsCarryHistogramRemapCacheAndIdentity) {
   ASSERT_TRUE(rig.ok()) << rig.status().ToString();
   DaemonRig& r = **rig;
   ASSERT_TRUE(r.MakeOverlay("s.qcow2").ok());
-  ASSERT_TRUE(r.daemon().Attach(Spec(8, r.Path("s.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(8, r.Path("s.qcow2"), "qcow2")).ok());
   auto g = GuestProcess::Start(
       r.GuestArgs(8, kXvda, {"--ops", "0", "--duration-ms", "1500", "--qd", "4", "--initial", "zero"}));
   ASSERT_TRUE(g.ok());

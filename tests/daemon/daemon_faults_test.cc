@@ -22,13 +22,6 @@ using namespace std::chrono_literals;
 
 constexpr uint32_t kXvda = 51712;
 
-daemon::AttachSpec Spec(uint32_t domid, const std::string& image) {
-  daemon::AttachSpec s;
-  s.domid = domid;
-  s.image = image;
-  return s;
-}
-
 TEST(DaemonFaultsTest, BrokenImagesGetAnErrorAndOthersKeepServing) {
   auto rig = DaemonRig::Create();
   ASSERT_TRUE(rig.ok()) << rig.status().ToString();
@@ -54,7 +47,7 @@ TEST(DaemonFaultsTest, BrokenImagesGetAnErrorAndOthersKeepServing) {
   corrupt.image = r.Path("corrupt.qcow2");
   ASSERT_TRUE(daemon::ToolstackWriteDisk(**xs, missing).ok());
   ASSERT_TRUE(daemon::ToolstackWriteDisk(**xs, corrupt).ok());
-  ASSERT_TRUE(r.daemon().Attach(Spec(13, r.Path("good.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(13, r.Path("good.qcow2"))).ok());
   for (uint32_t d : {11u, 12u}) {
     EXPECT_TRUE(WaitFor([&] { return r.BackendKey(d, kXvda, "error") != "<absent>"; })) << d;
     EXPECT_EQ(r.BackendKey(d, kXvda, "state"), "5") << d;
@@ -68,7 +61,7 @@ TEST(DaemonFaultsTest, BrokenImagesGetAnErrorAndOthersKeepServing) {
   EXPECT_TRUE(o.Passed()) << o.Describe() << "\n" << o.output;
   // Attach through the control interface reports the failure and takes the
   // directories away again.
-  Status s = r.daemon().Attach(Spec(14, r.Path("no-such.qcow2")));
+  Status s = r.daemon().Attach(XvdaSpec(14, r.Path("no-such.qcow2")));
   EXPECT_EQ(s.code(), ErrorCode::kNotFound) << s.ToString();
   EXPECT_TRUE(WaitFor([&] { return r.BackendKey(14, kXvda, "state") == "<absent>"; }));
   // When the toolstack removes a failed device, the daemon forgets it.
@@ -81,7 +74,7 @@ TEST(DaemonFaultsTest, GuestDeathMidIoReleasesEverythingAndClosesTheImage) {
   ASSERT_TRUE(rig.ok()) << rig.status().ToString();
   DaemonRig& r = **rig;
   ASSERT_TRUE(r.MakeOverlay("d.qcow2").ok());
-  ASSERT_TRUE(r.daemon().Attach(Spec(21, r.Path("d.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(21, r.Path("d.qcow2"))).ok());
   GuestOutcome o =
       blkif_test::RunGuest(r.GuestArgs(21, kXvda, {"--scenario", "die-mid-io", "--qd", "32", "--bs", "64"}), 30s);
   EXPECT_NE(o.output.find("DYING"), std::string::npos) << o.output;
@@ -107,8 +100,8 @@ TEST(DaemonFaultsTest, AnImageServedReadWriteIsRefusedToASecondDaemon) {
   ASSERT_TRUE(first.ok() && second.ok());
   ASSERT_TRUE((*first)->MakeOverlay("shared.qcow2").ok());
   const std::string image = (*first)->Path("shared.qcow2");
-  ASSERT_TRUE((*first)->daemon().Attach(Spec(31, image)).ok());
-  Status s = (*second)->daemon().Attach(Spec(31, image));
+  ASSERT_TRUE((*first)->daemon().Attach(XvdaSpec(31, image)).ok());
+  Status s = (*second)->daemon().Attach(XvdaSpec(31, image));
   EXPECT_EQ(s.code(), ErrorCode::kBusy) << s.ToString();
   // Read-only, the shared base under it stays usable by anyone: a second
   // overlay over the same base is served by the second daemon.
@@ -116,9 +109,9 @@ TEST(DaemonFaultsTest, AnImageServedReadWriteIsRefusedToASecondDaemon) {
   cow::CreateOptions o;
   o.backing_file = (*first)->Path("base.qcow2");
   ASSERT_TRUE(cow::CreateImage((*second)->Path("over-shared-base.qcow2"), o).ok());
-  EXPECT_TRUE((*second)->daemon().Attach(Spec(32, (*second)->Path("over-shared-base.qcow2"))).ok());
+  EXPECT_TRUE((*second)->daemon().Attach(XvdaSpec(32, (*second)->Path("over-shared-base.qcow2"))).ok());
   ASSERT_TRUE((*first)->daemon().Detach("31/51712").ok());
-  EXPECT_TRUE((*second)->daemon().Attach(Spec(31, image)).ok()) << "the lock goes with the first daemon's detach";
+  EXPECT_TRUE((*second)->daemon().Attach(XvdaSpec(31, image)).ok()) << "the lock goes with the first daemon's detach";
 }
 
 }  // namespace

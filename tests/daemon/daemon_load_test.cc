@@ -66,15 +66,6 @@ uint64_t WorkloadFigure(const std::string& output, const std::string& key) {
   return sum;
 }
 
-daemon::AttachSpec Spec(uint32_t domid, const std::string& image) {
-  daemon::AttachSpec s;
-  s.domid = domid;
-  s.devid = kXvda;
-  s.image = image;
-  s.format = "qcow2";
-  return s;
-}
-
 // Bytes malloc has handed out and not had back, over every arena. RSS is
 // no leak measure here: glibc keeps freed memory in per-thread arenas (one
 // per ring thread), so RSS after the same work varies by tens of MiB with
@@ -107,7 +98,7 @@ void RunLoad(uint64_t rounds, uint64_t round_ms) {
       // directory not yet rescanned): Busy says retry, as `cowtap ctl` would.
       Status s;
       WaitFor([&] {
-        s = r.daemon().Attach(Spec(d, r.Path("guest" + std::to_string(d) + ".qcow2")));
+        s = r.daemon().Attach(XvdaSpec(d, r.Path("guest" + std::to_string(d) + ".qcow2"), "qcow2"));
         return s.code() != ErrorCode::kBusy;
       });
       ASSERT_TRUE(s.ok()) << "round " << round << ", VBD " << d << ": " << s.ToString()

@@ -46,6 +46,15 @@ class DaemonRig {
   bool have_base_ = false;
 };
 
+// An attach of `image` as xvda of domid; format "" probes.
+inline daemon::AttachSpec XvdaSpec(uint32_t domid, const std::string& image, const std::string& format = "") {
+  daemon::AttachSpec s;
+  s.domid = domid;
+  s.image = image;
+  s.format = format;
+  return s;
+}
+
 // Open file descriptors of this process.
 size_t OpenFdCount();
 // This process's resident set, KiB.

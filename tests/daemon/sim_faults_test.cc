@@ -37,13 +37,6 @@ constexpr xen::DomId kHealthy = 60;
 constexpr int16_t kOkay = 0;
 constexpr int16_t kError = -1;
 
-daemon::AttachSpec Spec(xen::DomId domid, const std::string& image) {
-  daemon::AttachSpec s;
-  s.domid = domid;
-  s.image = image;
-  return s;
-}
-
 // Fails `count` calls concerning the guest `domid`.
 SimFaultRule ForDomain(xen::DomId domid, uint64_t count) {
   SimFaultRule rule;
@@ -106,7 +99,7 @@ class SimFaultsTest : public ::testing::Test {
     rig_ = std::move(rig).value();
     ASSERT_TRUE(rig_->MakeOverlay("healthy.qcow2").ok());
     ASSERT_TRUE(rig_->MakeOverlay("faulty.qcow2").ok());
-    ASSERT_TRUE(rig_->daemon().Attach(Spec(kHealthy, rig_->Path("healthy.qcow2"))).ok());
+    ASSERT_TRUE(rig_->daemon().Attach(XvdaSpec(kHealthy, rig_->Path("healthy.qcow2"))).ok());
   }
   void StartHealthyWorkload(int ms = 4000) {
     auto p = blkif_test::GuestProcess::Start(rig_->GuestArgs(
@@ -131,7 +124,7 @@ class SimFaultsTest : public ::testing::Test {
 
 TEST_F(SimFaultsTest, GrantMapFailureAnswersThatRequestErrorAndLosesNothing) {
   DaemonRig& r = *rig_;
-  ASSERT_TRUE(r.daemon().Attach(Spec(41, r.Path("faulty.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(41, r.Path("faulty.qcow2"))).ok());
   auto g = Guest::Attach(r, 41, {.persistent_grants = false});
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   ASSERT_NO_FATAL_FAILURE(StartHealthyWorkload());
@@ -158,7 +151,7 @@ TEST_F(SimFaultsTest, GrantMapFailureAnswersThatRequestErrorAndLosesNothing) {
 
 TEST_F(SimFaultsTest, GrantUnmapFailureLeavesThePagesPinnedAndServingGoesOn) {
   DaemonRig& r = *rig_;
-  ASSERT_TRUE(r.daemon().Attach(Spec(42, r.Path("faulty.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(42, r.Path("faulty.qcow2"))).ok());
   auto g = Guest::Attach(r, 42, {.persistent_grants = false});
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   ASSERT_NO_FATAL_FAILURE(StartHealthyWorkload());
@@ -188,7 +181,7 @@ TEST_F(SimFaultsTest, GrantUnmapFailureLeavesThePagesPinnedAndServingGoesOn) {
 
 TEST_F(SimFaultsTest, EventChannelBindFailureClosesThatVbdWithAnError) {
   DaemonRig& r = *rig_;
-  ASSERT_TRUE(r.daemon().Attach(Spec(43, r.Path("faulty.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(43, r.Path("faulty.qcow2"))).ok());
   ASSERT_NO_FATAL_FAILURE(StartHealthyWorkload());
   faults().Set(SimFaultPoint::kEvtchnBind, ForDomain(43, 1));
   auto g = Guest::Attach(r, 43);
@@ -204,7 +197,7 @@ TEST_F(SimFaultsTest, EventChannelBindFailureClosesThatVbdWithAnError) {
 
 TEST_F(SimFaultsTest, EventChannelNotifyFailureIsRetriedAndNoCompletionIsLost) {
   DaemonRig& r = *rig_;
-  ASSERT_TRUE(r.daemon().Attach(Spec(44, r.Path("faulty.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(44, r.Path("faulty.qcow2"))).ok());
   auto g = Guest::Attach(r, 44);
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   ASSERT_NO_FATAL_FAILURE(StartHealthyWorkload());
@@ -261,7 +254,7 @@ TEST_F(SimFaultsTest, XenstoreWriteFailureDuringSetupClosesThatVbdWithAnError) {
 
 TEST_F(SimFaultsTest, XenstoreReadFailureDuringHandshakeClosesThatVbdWithAnError) {
   DaemonRig& r = *rig_;
-  ASSERT_TRUE(r.daemon().Attach(Spec(46, r.Path("faulty.qcow2"))).ok());
+  ASSERT_TRUE(r.daemon().Attach(XvdaSpec(46, r.Path("faulty.qcow2"))).ok());
   ASSERT_NO_FATAL_FAILURE(StartHealthyWorkload(2000));
   // The backend reads the frontend's event-channel key while connecting.
   faults().Set(SimFaultPoint::kXsRead,
@@ -286,7 +279,7 @@ class FileFaultsTest : public SimFaultsTest {
     options.open.fs = &fs_;
     ASSERT_NO_FATAL_FAILURE(MakeRig(options));
     faulty_ = fs_.Target(rig_->Path("faulty.qcow2"));
-    ASSERT_TRUE(rig_->daemon().Attach(Spec(51, rig_->Path("faulty.qcow2"))).ok());
+    ASSERT_TRUE(rig_->daemon().Attach(XvdaSpec(51, rig_->Path("faulty.qcow2"))).ok());
     auto g = Guest::Attach(*rig_, 51);
     ASSERT_TRUE(g.ok()) << g.status().ToString();
     guest_ = std::move(g).value();
