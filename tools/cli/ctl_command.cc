@@ -1,7 +1,8 @@
 // `cowtap ctl`: talks to a running cowtapd over its control socket: list the
 // VBDs, attach / detach / pause / resume one, show its figures (once, or as a
 // live table of per-second rates with --watch), change the log level, and
-// export a VBD or image over NBD. Errors exit 1 with the daemon's message.
+// export a VBD or image over NBD, turn an image's kernel offload (dm/) on or
+// off and show its figures. Errors exit 1 with the daemon's message.
 #include <fmt/format.h>
 #include <poll.h>
 #include <unistd.h>
@@ -54,7 +55,8 @@ class CtlCommand final : public Command {
  public:
   std::string_view name() const override { return "ctl"; }
   std::string_view summary() const override {
-    return "Control a running cowtapd: list, attach, detach, pause, resume, stats, log level, NBD export";
+    return "Control a running cowtapd: list, attach, detach, pause, resume, stats, log level, NBD export, "
+           "kernel offload";
   }
 
   void Configure(CLI::App& app) override {
@@ -107,6 +109,15 @@ class CtlCommand final : public Command {
     unexport_ = sub("unexport", "Stop an NBD export");
     unexport_->add_option("ADDRESS", request_.address, "The address export printed")->required();
 
+    offload_ = sub("offload",
+                   "Kernel offload of an image: on (creates /dev/mapper/cowtap-..., the guest's phy: disk), off, "
+                   "status");
+    offload_->add_option("ACTION", offload_action_, "on, off or status")
+        ->required()
+        ->check(CLI::IsMember({"on", "off", "status"}));
+    offload_->add_option("IMAGE", request_.what, "The image path (status: every offload when omitted)");
+    offload_->add_flag("--json", json_, "status, on: print the daemon's figures as JSON");
+
     app.footer(
         "Talks to cowtapd over its root-only Unix socket.\nExit status: 0 success, 1 error (message on stderr).");
   }
@@ -120,6 +131,7 @@ class CtlCommand final : public Command {
 
     if (list_->parsed()) return List();
     if (stats_->parsed()) return watch_ ? Watch() : Stats();
+    if (offload_->parsed()) return Offload();
     request_.attach.writable = !read_only_;
     if (attach_->parsed()) request_.cmd = ControlCommand::kAttach;
     if (detach_->parsed()) request_.cmd = ControlCommand::kDetach;
@@ -212,6 +224,57 @@ class CtlCommand final : public Command {
     return 0;
   }
 
+  int Offload() {
+    ControlRequest r;
+    r.cmd = ControlCommand::kOffload;
+    r.what = request_.what;
+    r.offload = offload_action_ == "on"    ? daemon::OffloadAction::kOn
+                : offload_action_ == "off" ? daemon::OffloadAction::kOff
+                                           : daemon::OffloadAction::kStatus;
+    if (r.offload != daemon::OffloadAction::kStatus && r.what.empty()) {
+      fmt::print(stderr, "cowtap ctl offload {}: give the image path\n", offload_action_);
+      return 1;
+    }
+    auto reply = Call(r);
+    if (!reply) return 1;
+    if (r.offload == daemon::OffloadAction::kOff) {
+      fmt::print("offload of {} off\n", r.what);
+      return 0;
+    }
+    if (json_) {
+      auto j = nlohmann::json::parse(daemon::EncodeReply(*reply));
+      nlohmann::json list = j.contains("offloads") ? j["offloads"] : nlohmann::json::array();
+      fmt::print("{}\n", list.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+      return 0;
+    }
+    if (reply->offloads.empty()) fmt::print("No image is offloaded.\n");
+    for (size_t i = 0; i < reply->offloads.size(); ++i) {
+      fmt::print("{}{}", i ? "\n" : "", FormatOffload(reply->offloads[i]));
+    }
+    return 0;
+  }
+
+  static std::string FormatOffload(const daemon::OffloadSnapshot& o) {
+    const double kernel = daemon::OffloadKernelFraction(o);
+    const uint64_t miss_bytes = o.miss_bytes_read + o.miss_bytes_written;
+    std::string out = fmt::format("{}\n", o.image);
+    out += fmt::format("  device           {}\n", o.device);
+    out += fmt::format("  segments         {}\n", o.segments);
+    out += fmt::format("  linear           {:.1f}% ({} of {} sectors)\n", 100 * daemon::OffloadLinearFraction(o),
+                       o.linear_sectors, o.size_sectors);
+    out += fmt::format("  reloads          {} ({:.1f} ms in total)\n", o.reloads, o.reload_time_us / 1000.0);
+    out += fmt::format("  revokes          {}\n", o.revokes);
+    out += fmt::format("  primed clusters  {}\n", o.primed_clusters);
+    out += fmt::format("  miss path        {} requests, {:.1f} MiB\n", o.miss_requests, miss_bytes / 1048576.0);
+    if (o.device_io_known) {
+      out += fmt::format("  device I/O       {:.1f} MiB\n",
+                         (o.device_sectors_read + o.device_sectors_written) * 512 / 1048576.0);
+    }
+    out +=
+        kernel < 0 ? std::string("  served by kernel -\n") : fmt::format("  served by kernel {:.1f}%\n", 100 * kernel);
+    return out;
+  }
+
   // Sleeps up to ms; false when interrupted.
   static bool Sleep(int64_t ms) {
     const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
@@ -282,6 +345,8 @@ class CtlCommand final : public Command {
   CLI::App* level_ = nullptr;
   CLI::App* export_ = nullptr;
   CLI::App* unexport_ = nullptr;
+  CLI::App* offload_ = nullptr;
+  std::string offload_action_;
 };
 
 }  // namespace

@@ -86,6 +86,37 @@ class MovingDaemon : public daemon::DaemonControl {
     return std::string("tcp:127.0.0.1:40123");
   }
   Status Unexport(const std::string& address) override { return Status::NotFound("no export at " + address); }
+  Result<daemon::OffloadSnapshot> OffloadOn(const std::string& image) override {
+    std::lock_guard lock(mu_);
+    if (offloads_.count(image)) return Status::Busy("offload of " + image + " is on already");
+    daemon::OffloadSnapshot o;
+    o.image = image;
+    o.device = "/dev/mapper/cowtap-fake";
+    o.size_sectors = 2048;
+    o.linear_sectors = 512;
+    o.segments = 3;
+    o.reloads = 2;
+    o.reload_time_us = 1500;
+    o.miss_requests = 10;
+    o.miss_bytes_read = 256 * 512;
+    o.device_io_known = true;
+    o.device_sectors_read = 1024;
+    offloads_[image] = o;
+    return o;
+  }
+  Status OffloadOff(const std::string& image) override {
+    std::lock_guard lock(mu_);
+    if (!offloads_.erase(image)) return Status::NotFound("no offload of " + image);
+    return Status::Ok();
+  }
+  Result<std::vector<daemon::OffloadSnapshot>> OffloadStatus(const std::string& image) override {
+    std::lock_guard lock(mu_);
+    std::vector<daemon::OffloadSnapshot> out;
+    for (auto& [path, o] : offloads_)
+      if (image.empty() || image == path) out.push_back(o);
+    if (!image.empty() && out.empty()) return Status::NotFound("no offload of " + image);
+    return out;
+  }
 
   bool Has(const std::string& id) {
     std::lock_guard lock(mu_);
@@ -127,6 +158,7 @@ class MovingDaemon : public daemon::DaemonControl {
   std::map<std::string, VbdStatsSnapshot> vbds_;
   std::string level_ = "info";
   bool export_read_only_ = false;
+  std::map<std::string, daemon::OffloadSnapshot> offloads_;
 };
 
 struct CtlRun {
@@ -342,6 +374,43 @@ TEST_F(CtlCommandTest, SetLogLevelAndExport) {
   CtlRun u = Ctl({"unexport", "unix:/nope"});
   EXPECT_EQ(u.code, 1);
   EXPECT_NE(u.err.find("no export at unix:/nope"), std::string::npos);
+}
+
+TEST_F(CtlCommandTest, OffloadOnStatusOff) {
+  CtlRun on = Ctl({"offload", "on", "/img/vm1.qcow2"});
+  ASSERT_EQ(on.code, 0) << on.err;
+  EXPECT_NE(on.out.find("/dev/mapper/cowtap-fake"), std::string::npos) << on.out;
+  EXPECT_NE(on.out.find("linear           25.0% (512 of 2048 sectors)"), std::string::npos) << on.out;
+  EXPECT_NE(on.out.find("reloads          2 (1.5 ms in total)"), std::string::npos) << on.out;
+  // 256 of the device's 1024 sectors went through the miss path.
+  EXPECT_NE(on.out.find("served by kernel 75.0%"), std::string::npos) << on.out;
+
+  CtlRun again = Ctl({"offload", "on", "/img/vm1.qcow2"});
+  EXPECT_EQ(again.code, 1);
+  EXPECT_NE(again.err.find("(busy)"), std::string::npos) << again.err;
+
+  CtlRun json = Ctl({"offload", "status", "--json"});
+  ASSERT_EQ(json.code, 0) << json.err;
+  auto list = nlohmann::json::parse(json.out);
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0]["device"], "/dev/mapper/cowtap-fake");
+  EXPECT_EQ(list[0]["reloads"], 2);
+
+  EXPECT_EQ(Ctl({"offload", "off", "/img/vm1.qcow2"}).code, 0);
+  CtlRun none = Ctl({"offload", "status"});
+  ASSERT_EQ(none.code, 0) << none.err;
+  EXPECT_EQ(none.out, "No image is offloaded.\n");
+  CtlRun off = Ctl({"offload", "off", "/img/vm1.qcow2"});
+  EXPECT_EQ(off.code, 1);
+  EXPECT_NE(off.err.find("no offload of /img/vm1.qcow2"), std::string::npos) << off.err;
+}
+
+TEST_F(CtlCommandTest, OffloadNeedsAnActionAndOnAnImage) {
+  EXPECT_NE(Ctl({"offload"}).code, 0);
+  EXPECT_NE(Ctl({"offload", "sideways", "/img/a"}).code, 0);
+  CtlRun r = Ctl({"offload", "on"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.err.find("give the image path"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -49,6 +49,36 @@ struct VbdStatsSnapshot {
   uint64_t memory_bytes = 0;  // caches and mapped pages this VBD holds
 };
 
+// One image's kernel offload (dm/): the guest's disk is the dm device
+// (`phy:/dev/mapper/<dm_name>` in the xl disk line, served by blkback);
+// clusters the image owns in place go to the image file through a loop
+// device, everything else to cowtapd over nbd (the miss device). Counters
+// are totals since offload on.
+struct OffloadSnapshot {
+  std::string image;   // the image path as given to offload on
+  std::string device;  // /dev/mapper/<dm_name>
+  uint64_t size_sectors = 0;
+  uint64_t segments = 0;        // of the live table
+  uint64_t linear_sectors = 0;  // of the live table, served by the kernel alone
+  uint64_t reloads = 0;
+  uint64_t reload_time_us = 0;  // total time in table loads (suspend/resume)
+  uint64_t revokes = 0;
+  uint64_t primed_clusters = 0;
+  // What the miss device (cowtapd, user space) served.
+  uint64_t miss_requests = 0, miss_bytes_read = 0, miss_bytes_written = 0;
+  // All I/O the dm device completed (its /sys/block/dm-N/stat), in 512-byte
+  // sectors; device_io_known is false where the kernel does not say.
+  bool device_io_known = false;
+  uint64_t device_sectors_read = 0, device_sectors_written = 0;
+};
+
+// linear_sectors / size_sectors (0 for an empty device).
+double OffloadLinearFraction(const OffloadSnapshot& s);
+// The fraction of the dm device's bytes the kernel served without cowtapd:
+// 1 - miss bytes / device bytes, clamped to [0, 1]; -1 when unknown (no
+// device I/O yet, or device_io_known false).
+double OffloadKernelFraction(const OffloadSnapshot& s);
+
 class DaemonControl {
  public:
   virtual ~DaemonControl() = default;
@@ -67,9 +97,17 @@ class DaemonControl {
   // Exports a VBD ("<domid>/<devid>") or an image path over NBD at
   // `address` ("unix:/path" or "tcp:127.0.0.1:port"); returns the address
   // actually bound (tcp port 0 picks a free port).
-  virtual Result<std::string> Export(const std::string& what, const std::string& address,
-                                     bool read_only) = 0;
+  virtual Result<std::string> Export(const std::string& what, const std::string& address, bool read_only) = 0;
   virtual Status Unexport(const std::string& address) = 0;
+  // Kernel offload of an image path (not of a VBD cowtapd serves itself: in
+  // offload mode the guest's disk is the dm device). kNotSupported, saying
+  // what is missing, where the kernel lacks dm/loop/nbd; kBusy if already on.
+  virtual Result<OffloadSnapshot> OffloadOn(const std::string& image) = 0;
+  // Removes the dm device (REQUIRES: nothing uses it any more), stops the
+  // miss path, flushes and closes the image.
+  virtual Status OffloadOff(const std::string& image) = 0;
+  // The offload of image, or of every image when image is "".
+  virtual Result<std::vector<OffloadSnapshot>> OffloadStatus(const std::string& image) = 0;
 };
 
 }  // namespace cowtap::daemon

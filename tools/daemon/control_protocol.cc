@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <cmath>
@@ -24,7 +25,7 @@ struct CommandEntry {
   std::array<std::string_view, 5> keys;
 };
 
-constexpr std::array<CommandEntry, 9> kCommands = {{
+constexpr std::array<CommandEntry, 10> kCommands = {{
     {ControlCommand::kList, "list", {}},
     {ControlCommand::kAttach, "attach", {"domid", "devid", "image", "format", "read_only"}},
     {ControlCommand::kDetach, "detach", {"id"}},
@@ -34,7 +35,23 @@ constexpr std::array<CommandEntry, 9> kCommands = {{
     {ControlCommand::kSetLogLevel, "set-log-level", {"level"}},
     {ControlCommand::kExport, "export", {"what", "address", "read_only"}},
     {ControlCommand::kUnexport, "unexport", {"address"}},
+    {ControlCommand::kOffload, "offload", {"action", "what"}},
 }};
+
+// At most this many offloads in one reply (one per image the daemon holds).
+constexpr size_t kMaxOffloadsPerReply = 4096;
+
+std::string_view OffloadActionName(OffloadAction a) {
+  switch (a) {
+    case OffloadAction::kOn:
+      return "on";
+    case OffloadAction::kOff:
+      return "off";
+    case OffloadAction::kStatus:
+      return "status";
+  }
+  return "status";
+}
 
 // At most 64 bytes of text a client sent, for quoting it in a message.
 std::string Quote(std::string_view text) {
@@ -140,6 +157,26 @@ Json StatsToJson(const VbdStatsSnapshot& s) {
   return j;
 }
 
+Json OffloadToJson(const OffloadSnapshot& s) {
+  Json j = Json::object();
+  j["image"] = s.image;
+  j["device"] = s.device;
+  j["size_sectors"] = s.size_sectors;
+  j["segments"] = s.segments;
+  j["linear_sectors"] = s.linear_sectors;
+  j["reloads"] = s.reloads;
+  j["reload_time_us"] = s.reload_time_us;
+  j["revokes"] = s.revokes;
+  j["primed_clusters"] = s.primed_clusters;
+  j["miss_requests"] = s.miss_requests;
+  j["miss_bytes_read"] = s.miss_bytes_read;
+  j["miss_bytes_written"] = s.miss_bytes_written;
+  j["device_io_known"] = s.device_io_known;
+  j["device_sectors_read"] = s.device_sectors_read;
+  j["device_sectors_written"] = s.device_sectors_written;
+  return j;
+}
+
 // Typed reads of an optional key of a reply object.
 bool GetU64(const Json& o, const char* key, uint64_t* out, std::string* error) {
   auto it = o.find(key);
@@ -226,6 +263,24 @@ bool StatsFromJson(const Json& j, VbdStatsSnapshot* s, std::string* error) {
   return true;
 }
 
+bool OffloadFromJson(const Json& j, OffloadSnapshot* s, std::string* error) {
+  if (!j.is_object()) {
+    *error = fmt::format("an offload entry is {}, not an object", TypeName(j));
+    return false;
+  }
+  return GetString(j, "image", &s->image, error) && GetString(j, "device", &s->device, error) &&
+         GetU64(j, "size_sectors", &s->size_sectors, error) && GetU64(j, "segments", &s->segments, error) &&
+         GetU64(j, "linear_sectors", &s->linear_sectors, error) && GetU64(j, "reloads", &s->reloads, error) &&
+         GetU64(j, "reload_time_us", &s->reload_time_us, error) && GetU64(j, "revokes", &s->revokes, error) &&
+         GetU64(j, "primed_clusters", &s->primed_clusters, error) &&
+         GetU64(j, "miss_requests", &s->miss_requests, error) &&
+         GetU64(j, "miss_bytes_read", &s->miss_bytes_read, error) &&
+         GetU64(j, "miss_bytes_written", &s->miss_bytes_written, error) &&
+         GetBool(j, "device_io_known", &s->device_io_known, error) &&
+         GetU64(j, "device_sectors_read", &s->device_sectors_read, error) &&
+         GetU64(j, "device_sectors_written", &s->device_sectors_written, error);
+}
+
 // Parses one line into a JSON value; message on failure.
 std::optional<Json> ParseLine(std::string_view line, std::string* error) {
   if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
@@ -243,6 +298,18 @@ std::string Dump(const Json& j) {
 }
 
 }  // namespace
+
+double OffloadLinearFraction(const OffloadSnapshot& s) {
+  if (s.size_sectors == 0) return 0;
+  return std::min(1.0, static_cast<double>(s.linear_sectors) / static_cast<double>(s.size_sectors));
+}
+
+double OffloadKernelFraction(const OffloadSnapshot& s) {
+  const double device_bytes = 512.0 * static_cast<double>(s.device_sectors_read + s.device_sectors_written);
+  if (!s.device_io_known || device_bytes <= 0) return -1;
+  const double miss_bytes = static_cast<double>(s.miss_bytes_read + s.miss_bytes_written);
+  return std::clamp(1.0 - miss_bytes / device_bytes, 0.0, 1.0);
+}
 
 std::string_view ControlCommandName(ControlCommand cmd) {
   for (const auto& e : kCommands)
@@ -342,6 +409,10 @@ std::string EncodeRequest(const ControlRequest& request) {
     case ControlCommand::kUnexport:
       j["address"] = request.address;
       break;
+    case ControlCommand::kOffload:
+      j["action"] = std::string(OffloadActionName(request.offload));
+      if (!request.what.empty()) j["what"] = request.what;
+      break;
   }
   return Dump(j);
 }
@@ -381,7 +452,7 @@ std::optional<ControlRequest> DecodeRequest(std::string_view line, ControlReply*
   if (!entry) {
     return Refuse(error, wire::kUnknownCommand,
                   fmt::format("unknown command {}; known: list, attach, detach, pause, resume, stats, "
-                              "set-log-level, export, unexport",
+                              "set-log-level, export, unexport, offload",
                               Quote(name)));
   }
 
@@ -432,6 +503,25 @@ std::optional<ControlRequest> DecodeRequest(std::string_view line, ControlReply*
       r.String("address", true, &req.address);
       if (r.error().empty() && req.address.empty()) r.Fail("'address' is empty; give the address export returned");
       break;
+    case ControlCommand::kOffload: {
+      std::string action;
+      r.String("action", true, &action) && r.String("what", false, &req.what);
+      if (!r.error().empty()) break;
+      if (action == "on") {
+        req.offload = OffloadAction::kOn;
+      } else if (action == "off") {
+        req.offload = OffloadAction::kOff;
+      } else if (action == "status") {
+        req.offload = OffloadAction::kStatus;
+      } else {
+        r.Fail(fmt::format("action {} is not on, off or status", Quote(action)));
+        break;
+      }
+      if (req.offload != OffloadAction::kStatus && req.what.empty()) {
+        r.Fail(fmt::format("offload {} needs 'what', the image path", action));
+      }
+      break;
+    }
   }
   if (!r.error().empty()) return Refuse(error, wire::kBadRequest, r.error());
   return req;
@@ -451,6 +541,11 @@ std::string EncodeReply(const ControlReply& reply) {
     j["vbds"] = std::move(vbds);
   }
   if (!reply.address.empty()) j["address"] = reply.address;
+  if (!reply.offloads.empty()) {
+    Json offloads = Json::array();
+    for (const auto& o : reply.offloads) offloads.push_back(OffloadToJson(o));
+    j["offloads"] = std::move(offloads);
+  }
   return Dump(j);
 }
 
@@ -482,6 +577,16 @@ Result<ControlReply> DecodeReply(std::string_view line) {
       VbdStatsSnapshot s;
       if (!StatsFromJson(entry, &s, &error)) return bad(error);
       r.vbds.push_back(std::move(s));
+    }
+  }
+  if (auto v = j.find("offloads"); v != j.end()) {
+    if (!v->is_array() || v->size() > kMaxOffloadsPerReply) {
+      return bad(fmt::format("'offloads' must be an array of at most {} entries", kMaxOffloadsPerReply));
+    }
+    for (const Json& entry : *v) {
+      OffloadSnapshot o;
+      if (!OffloadFromJson(entry, &o, &error)) return bad(error);
+      r.offloads.push_back(std::move(o));
     }
   }
   return r;

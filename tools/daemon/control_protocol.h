@@ -11,6 +11,8 @@
 //   {"cmd":"set-log-level","level":"debug"}
 //   {"cmd":"export","what":"5/51712","address":"unix:/run/x.sock","read_only":true}
 //   {"cmd":"unexport","address":"unix:/run/x.sock"}
+//   {"cmd":"offload","action":"on"|"off"|"status","what":"/img/a.qcow2"}
+//                                         (what optional for status: every offload)
 // Any request may carry "version":N; a version newer than ours is refused.
 // Unknown keys are refused (a typo should not be silently ignored).
 //
@@ -18,6 +20,8 @@
 //   {"ok":true,"version":1}                              detach, pause, ...
 //   {"ok":true,"version":1,"vbds":[{...},...]}           list, stats
 //   {"ok":true,"version":1,"address":"tcp:127.0.0.1:10809"}   export
+//   {"ok":true,"version":1,"offloads":[{"image":...,"device":"/dev/mapper/cowtap-a",
+//    "segments":3,"linear_sectors":...,"reloads":...,...}]}     offload on, status
 //   {"ok":false,"version":1,"code":"not_found","error":"<what, on what, what to do>"}
 // Codes: the daemon's Status codes in snake case (invalid_argument,
 // not_supported, corrupt, io_error, no_space, out_of_range, read_only,
@@ -71,28 +75,33 @@ enum class ControlCommand : uint8_t {
   kSetLogLevel,
   kExport,
   kUnexport,
+  kOffload,
 };
+
+enum class OffloadAction : uint8_t { kOn, kOff, kStatus };
 
 // "list", "attach", ..., "set-log-level", ... as on the wire.
 std::string_view ControlCommandName(ControlCommand cmd);
 
 struct ControlRequest {
   ControlCommand cmd = ControlCommand::kList;
-  std::string id;          // detach, pause, resume; stats ("" = every VBD)
-  AttachSpec attach;       // attach
-  std::string level;       // set-log-level
-  std::string what;        // export: a VBD id or an image path
-  std::string address;     // export, unexport
-  bool read_only = false;  // export
+  std::string id;                                  // detach, pause, resume; stats ("" = every VBD)
+  AttachSpec attach;                               // attach
+  std::string level;                               // set-log-level
+  std::string what;                                // export: a VBD id or an image path
+  std::string address;                             // export, unexport
+  bool read_only = false;                          // export
+  OffloadAction offload = OffloadAction::kStatus;  // offload (what: the image, "" = all for status)
 };
 
 struct ControlReply {
   bool ok = false;
   int version = kControlProtocolVersion;
-  std::string code;                    // when !ok
-  std::string error;                   // when !ok: what failed, on what, what to do
-  std::vector<VbdStatsSnapshot> vbds;  // list, stats
-  std::string address;                 // export: the address bound
+  std::string code;                       // when !ok
+  std::string error;                      // when !ok: what failed, on what, what to do
+  std::vector<VbdStatsSnapshot> vbds;     // list, stats
+  std::string address;                    // export: the address bound
+  std::vector<OffloadSnapshot> offloads;  // offload on, status
 };
 
 // The snake-case wire code of a Status ("not_found"); "" for OK.

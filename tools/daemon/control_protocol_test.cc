@@ -6,6 +6,7 @@
 #include <limits>
 #include <set>
 #include <string>
+#include <tuple>
 
 namespace cowtap::daemon {
 namespace {
@@ -339,6 +340,92 @@ TEST(ControlProtocolTest, RepliesWithUnknownKeysAndMissingFiguresDecode) {
 TEST(ControlProtocolTest, CommandNamesAreTheWireNames) {
   EXPECT_EQ(ControlCommandName(ControlCommand::kSetLogLevel), "set-log-level");
   EXPECT_EQ(ControlCommandName(ControlCommand::kUnexport), "unexport");
+}
+
+TEST(ControlProtocolTest, OffloadRequestsRoundTrip) {
+  for (OffloadAction action : {OffloadAction::kOn, OffloadAction::kOff, OffloadAction::kStatus}) {
+    ControlRequest r;
+    r.cmd = ControlCommand::kOffload;
+    r.offload = action;
+    r.what = "/img/a b.qcow2";
+    ControlRequest out = RoundTrip(r);
+    EXPECT_EQ(out.cmd, ControlCommand::kOffload);
+    EXPECT_EQ(out.offload, action);
+    EXPECT_EQ(out.what, "/img/a b.qcow2");
+  }
+  ControlRequest all;
+  all.cmd = ControlCommand::kOffload;
+  all.offload = OffloadAction::kStatus;
+  EXPECT_EQ(RoundTrip(all).what, "");
+}
+
+TEST(ControlProtocolTest, OffloadWithoutActionIsRefused) {
+  EXPECT_NE(Refused(R"({"cmd":"offload","what":"/a"})").error.find("'action' is missing"), std::string::npos);
+}
+
+TEST(ControlProtocolTest, OffloadWithAnUnknownActionIsRefused) {
+  EXPECT_NE(Refused(R"({"cmd":"offload","action":"maybe","what":"/a"})").error.find("not on, off or status"),
+            std::string::npos);
+}
+
+TEST(ControlProtocolTest, OffloadOnOrOffWithoutAnImageIsRefused) {
+  EXPECT_NE(Refused(R"({"cmd":"offload","action":"on"})").error.find("needs 'what'"), std::string::npos);
+  EXPECT_NE(Refused(R"({"cmd":"offload","action":"off","what":""})").error.find("needs 'what'"), std::string::npos);
+}
+
+TEST(ControlProtocolTest, OffloadRepliesRoundTripWithEveryField) {
+  ControlReply r;
+  r.ok = true;
+  OffloadSnapshot o;
+  o.image = "/img/a.qcow2";
+  o.device = "/dev/mapper/cowtap-a";
+  o.size_sectors = 1;
+  o.segments = 2;
+  o.linear_sectors = 3;
+  o.reloads = 4;
+  o.reload_time_us = 5;
+  o.revokes = 6;
+  o.primed_clusters = 7;
+  o.miss_requests = 8;
+  o.miss_bytes_read = 9;
+  o.miss_bytes_written = 10;
+  o.device_io_known = true;
+  o.device_sectors_read = 11;
+  o.device_sectors_written = 12;
+  r.offloads = {o, o};
+  auto back = DecodeReply(EncodeReply(r));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  ASSERT_EQ(back->offloads.size(), 2u);
+  const OffloadSnapshot& b = back->offloads[1];
+  EXPECT_EQ(b.image, o.image);
+  EXPECT_EQ(b.device, o.device);
+  EXPECT_EQ(std::tie(b.size_sectors, b.segments, b.linear_sectors, b.reloads, b.reload_time_us, b.revokes,
+                     b.primed_clusters, b.miss_requests, b.miss_bytes_read, b.miss_bytes_written, b.device_sectors_read,
+                     b.device_sectors_written),
+            std::tie(o.size_sectors, o.segments, o.linear_sectors, o.reloads, o.reload_time_us, o.revokes,
+                     o.primed_clusters, o.miss_requests, o.miss_bytes_read, o.miss_bytes_written, o.device_sectors_read,
+                     o.device_sectors_written));
+  EXPECT_TRUE(b.device_io_known);
+}
+
+TEST(ControlProtocolTest, AnOffloadEntryOfTheWrongTypeIsNotAReply) {
+  EXPECT_FALSE(DecodeReply(R"({"ok":true,"version":1,"offloads":[{"reloads":"many"}]})").ok());
+  EXPECT_FALSE(DecodeReply(R"({"ok":true,"version":1,"offloads":{}})").ok());
+}
+
+TEST(ControlProtocolTest, OffloadFractions) {
+  OffloadSnapshot o;
+  EXPECT_EQ(OffloadLinearFraction(o), 0);
+  EXPECT_EQ(OffloadKernelFraction(o), -1) << "no device I/O: unknown";
+  o.size_sectors = 100;
+  o.linear_sectors = 25;
+  EXPECT_DOUBLE_EQ(OffloadLinearFraction(o), 0.25);
+  o.device_io_known = true;
+  o.device_sectors_read = 8;  // 4096 bytes
+  o.miss_bytes_read = 1024;
+  EXPECT_DOUBLE_EQ(OffloadKernelFraction(o), 0.75);
+  o.miss_bytes_written = 1 << 20;  // more than the device saw (reads the kernel did not count): clamped
+  EXPECT_EQ(OffloadKernelFraction(o), 0);
 }
 
 }  // namespace

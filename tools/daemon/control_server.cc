@@ -260,6 +260,8 @@ class ControlServer::Loop {
         return fmt::format("{} at {}", r.what, r.address);
       case ControlCommand::kUnexport:
         return r.address;
+      case ControlCommand::kOffload:
+        return r.what;
       default:
         return r.id;
     }
@@ -303,6 +305,21 @@ class ControlServer::Loop {
       }
       case ControlCommand::kUnexport:
         return ReplyFromStatus(d.Unexport(r.address));
+      case ControlCommand::kOffload: {
+        if (r.offload == OffloadAction::kOff) return ReplyFromStatus(d.OffloadOff(r.what));
+        if (r.offload == OffloadAction::kOn) {
+          Result<OffloadSnapshot> on = d.OffloadOn(r.what);
+          if (!on.ok()) return ReplyFromStatus(on.status());
+          ControlReply reply = ReplyFromStatus(Status::Ok());
+          reply.offloads.push_back(std::move(on).value());
+          return reply;
+        }
+        Result<std::vector<OffloadSnapshot>> status = d.OffloadStatus(r.what);
+        if (!status.ok()) return ReplyFromStatus(status.status());
+        ControlReply reply = ReplyFromStatus(Status::Ok());
+        reply.offloads = std::move(status).value();
+        return reply;
+      }
     }
     return ErrorReply(WireCode(ErrorCode::kInternal), "unhandled command");
   }

@@ -97,6 +97,16 @@ class FakeDaemon : public DaemonControl {
     return address;
   }
   Status Unexport(const std::string& address) override { return Status::NotFound("no export at " + address); }
+  Result<OffloadSnapshot> OffloadOn(const std::string& image) override {
+    OffloadSnapshot o;
+    o.image = image;
+    o.device = "/dev/mapper/cowtap-x";
+    return o;
+  }
+  Status OffloadOff(const std::string& image) override { return Status::NotFound("no offload of " + image); }
+  Result<std::vector<OffloadSnapshot>> OffloadStatus(const std::string& image) override {
+    return std::vector<OffloadSnapshot>{};
+  }
 
   bool paused(const std::string& id) {
     std::lock_guard lock(mu_);

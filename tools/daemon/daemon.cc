@@ -6,7 +6,11 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 
 #include "tools/daemon/locking_fs.h"
@@ -111,6 +115,15 @@ void Daemon::Shutdown() {
     for (const auto& [address, e] : exports_) exported.push_back(address);
   }
   for (const auto& address : exported) Unexport(address).IgnoreError();
+  std::vector<std::string> offloaded;
+  {
+    std::lock_guard lock(offloads_mu_);
+    for (const auto& [key, e] : offloads_) offloaded.push_back(e.given_path);
+  }
+  for (const auto& image : offloaded) {
+    Status s = OffloadOff(image);
+    if (!s.ok()) spdlog::error("cowtapd: offload off {}: {}", image, s.ToString());
+  }
   std::vector<std::shared_ptr<ManagedVbd>> all;
   {
     std::lock_guard lock(mu_);
@@ -484,6 +497,121 @@ Status Daemon::Unexport(const std::string& address) {
   }
   spdlog::info("NBD export at {} stopped", address);
   return Status::Ok();
+}
+
+// --- kernel offload ---------------------------------------------------------
+
+namespace {
+
+// "cowtap-" and the image file's name without its extension, reduced to the
+// characters a dm name and a socket file name take.
+std::string DmNameFor(const std::string& canonical_path) {
+  std::string stem = canonical_path.substr(canonical_path.rfind('/') + 1);
+  if (const size_t dot = stem.rfind('.'); dot != std::string::npos && dot > 0) stem.resize(dot);
+  std::string name = "cowtap-";
+  for (char c : stem.substr(0, 64))
+    name += (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') ? c : '_';
+  return name;
+}
+
+}  // namespace
+
+Result<std::string> Daemon::OffloadKey(const std::string& image) {
+  char resolved[PATH_MAX];
+  if (::realpath(image.c_str(), resolved) == nullptr) return Status::FromErrno(errno, image);
+  return std::string(resolved);
+}
+
+Result<OffloadSnapshot> Daemon::OffloadOn(const std::string& image) {
+  if (image.empty()) return Status::InvalidArgument("offload on needs an image path");
+  if (image.front() != '/' && ParseVbdId(image).ok()) {
+    return Status::InvalidArgument(fmt::format(
+        "offload takes an image path, not the VBD {}: in kernel-offload mode the guest's disk is the dm device "
+        "(phy:/dev/mapper/cowtap-... in the xl disk line, served by blkback), so the image must not also be a VBD "
+        "cowtapd serves; detach it and give its path",
+        image));
+  }
+  if (!options_.offload) {
+    return Status::NotSupported("this cowtapd was started without kernel offload support");
+  }
+  COWTAP_ASSIGN_OR_RETURN(std::string key, OffloadKey(image));
+  std::lock_guard lock(offloads_mu_);
+  if (offloads_.count(key)) {
+    return Status::Busy(fmt::format("{} is offloaded already (as {}); `cowtap ctl offload off {}` first", image,
+                                    "/dev/mapper/" + offloads_[key].dm_name, image));
+  }
+  std::string dm_name = DmNameFor(key);
+  for (int n = 2;
+       std::any_of(offloads_.begin(), offloads_.end(), [&](const auto& e) { return e.second.dm_name == dm_name; });
+       ++n) {
+    dm_name = DmNameFor(key) + "-" + std::to_string(n);
+  }
+  cow::OpenOptions open = options_.open;
+  open.read_only = false;
+  if (open.fs == nullptr) open.fs = LockingFileSystem();
+  auto opened = cow::OpenImage(key, open);
+  if (!opened.ok()) return opened.status().Annotate("offload " + image);
+  std::shared_ptr<cow::Image> img = std::move(opened).value();
+  auto started = options_.offload->Start(img, key, dm_name);
+  if (!started.ok()) {
+    img->Close().IgnoreError();
+    return started.status().Annotate("offload " + image);
+  }
+  OffloadEntry& e = offloads_[key];
+  e.given_path = image;
+  e.dm_name = dm_name;
+  e.image = std::move(img);
+  e.offload = std::move(started).value();
+  OffloadSnapshot snap = e.offload->Snapshot();
+  snap.image = image;
+  spdlog::info("offload of {} on: {} ({} segments, {} of {} sectors linear)", image, snap.device, snap.segments,
+               snap.linear_sectors, snap.size_sectors);
+  return snap;
+}
+
+Status Daemon::OffloadOff(const std::string& image) {
+  OffloadEntry e;
+  {
+    std::lock_guard lock(offloads_mu_);
+    auto it = offloads_.end();
+    auto key = OffloadKey(image);
+    if (key.ok()) it = offloads_.find(*key);
+    if (it == offloads_.end()) {
+      it =
+          std::find_if(offloads_.begin(), offloads_.end(), [&](const auto& p) { return p.second.given_path == image; });
+    }
+    if (it == offloads_.end()) {
+      return Status::NotFound(fmt::format("no offload of {} (`cowtap ctl offload status` lists them)", image));
+    }
+    e = std::move(it->second);
+    offloads_.erase(it);
+  }
+  Status first = e.offload->Stop();
+  e.offload.reset();
+  Status closed = e.image->Close();
+  if (first.ok() && !closed.ok()) first = closed.Annotate("closing the offloaded image");
+  if (first.ok()) spdlog::info("offload of {} off", image);
+  return first.Annotate("offload off " + image);
+}
+
+Result<std::vector<OffloadSnapshot>> Daemon::OffloadStatus(const std::string& image) {
+  std::string key;
+  if (!image.empty()) {
+    auto k = OffloadKey(image);
+    key = k.ok() ? *k : image;
+  }
+  std::lock_guard lock(offloads_mu_);
+  std::vector<OffloadSnapshot> out;
+  for (const auto& [k, e] : offloads_) {
+    if (!image.empty() && k != key && e.given_path != image) continue;
+    OffloadSnapshot s = e.offload->Snapshot();
+    s.image = e.given_path;
+    out.push_back(std::move(s));
+  }
+  if (!image.empty() && out.empty()) {
+    return Status::NotFound(fmt::format("no offload of {} (`cowtap ctl offload status` lists them)", image));
+  }
+  return out;
 }
 
 }  // namespace cowtap::daemon

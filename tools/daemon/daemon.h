@@ -35,6 +35,7 @@
 #include "cow/image.h"
 #include "tools/daemon/control.h"
 #include "tools/daemon/managed_vbd.h"
+#include "tools/daemon/offload.h"
 #include "tools/daemon/toolstack.h"
 #include "xen-glue/platform.h"
 #include "xen-glue/sim.h"
@@ -51,6 +52,8 @@ struct DaemonOptions {
   cow::OpenOptions open;
   // How long Attach waits for the image to be opened and the VBD attached.
   std::chrono::milliseconds attach_timeout{30000};
+  // Kernel offload (`cowtap ctl offload`); null: offload on is refused.
+  std::shared_ptr<OffloadProvider> offload;
 };
 
 class Daemon final : public DaemonControl {
@@ -84,6 +87,9 @@ class Daemon final : public DaemonControl {
   Status SetLogLevel(const std::string& level) override;
   Result<std::string> Export(const std::string& what, const std::string& address, bool read_only) override;
   Status Unexport(const std::string& address) override;
+  Result<OffloadSnapshot> OffloadOn(const std::string& image) override;
+  Status OffloadOff(const std::string& image) override;
+  Result<std::vector<OffloadSnapshot>> OffloadStatus(const std::string& image) override;
 
  private:
   struct Key {
@@ -133,6 +139,19 @@ class Daemon final : public DaemonControl {
   };
   std::mutex exports_mu_;
   std::map<std::string, ExportEntry> exports_;  // GUARDED_BY(exports_mu_)
+  // Offloads by the canonical path of their image (the path as given is
+  // kept for replies). The daemon opened the image and closes it.
+  struct OffloadEntry {
+    std::string given_path;
+    std::string dm_name;
+    std::shared_ptr<cow::Image> image;
+    std::unique_ptr<ImageOffload> offload;
+  };
+  Result<std::string> OffloadKey(const std::string& image);
+  // Held across a whole OffloadOn (opening and priming), so two offloads of
+  // one image cannot race; never taken with mu_ or exports_mu_ held.
+  std::mutex offloads_mu_;
+  std::map<std::string, OffloadEntry> offloads_;  // GUARDED_BY(offloads_mu_)
   // Entries out of the table whose worker is still finishing.
   std::vector<std::shared_ptr<ManagedVbd>> stopping_;  // GUARDED_BY(mu_)
   // Directories of sim-owned VBDs to remove once their worker has finished
