@@ -345,6 +345,18 @@ Status Daemon::Attach(const AttachSpec& spec) {
   }
   const Key key{options_.backend_types.front(), static_cast<xen::DomId>(spec.domid), spec.devid};
   const std::string id = key.id();
+  // A VBD of the same disk whose guest just left is released within a
+  // rescan or two (its worker finishes, then its directories go): wait for
+  // that, as libxl's hotplug does, rather than refuse at once.
+  for (const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+       std::chrono::steady_clock::now() < deadline;) {
+    {
+      std::lock_guard lock(mu_);
+      if (!retired_.count(key)) break;
+    }
+    Wake();
+    usleep(5000);
+  }
   {
     std::lock_guard control(control_mu_);
     {
