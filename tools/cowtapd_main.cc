@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 
 #include "base/log.h"
@@ -13,6 +14,7 @@
 #include "tools/daemon/daemon.h"
 #include "tools/daemon/instance_lock.h"
 #include "tools/daemon/signals.h"
+#include "tools/offload/kernel_offload.h"
 
 namespace {
 
@@ -52,6 +54,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> attach;
   uint32_t domain_wait_ms = 30000;
   std::string cache = "none";
+  std::string offload_dir;
+  uint32_t offload_reload_ms = 1000;
   CLI::App app{"cowtapd: Xen disk backend daemon serving qcow2/qcow/raw images with copy-on-write"};
   app.add_option("--platform", options.platform, "sim (simulated hypervisor) or xen (libxen, in dom0)")
       ->check(CLI::IsMember({"sim", "xen"}));
@@ -68,10 +72,24 @@ int main(int argc, char** argv) {
                  "none (default): top images with O_DIRECT, backing files through the page cache (cached once for "
                  "all VBDs); writeback: everything through the page cache")
       ->check(CLI::IsMember({"none", "writeback"}));
+  app.add_option("--offload-dir", offload_dir,
+                 "kernel offload: where the miss path's NBD sockets live (default: the control socket's directory)");
+  app.add_option("--offload-reload-ms", offload_reload_ms,
+                 "kernel offload: how often an offloaded image's dm table is replanned (at most one reload each)")
+      ->check(CLI::Range(50u, 60000u));
   CLI11_PARSE(app, argc, argv);
   options.open.direct_io = cache == "none";
   if (options.backend_types.empty()) options.backend_types = {"cowtap"};
   options.vbd.domain_wait = std::chrono::milliseconds(domain_wait_ms);
+  {
+    // `cowtap ctl offload on` is always offered; where the kernel lacks
+    // device-mapper, loop or nbd, it answers what is missing.
+    cowtap::offload::KernelOffloadOptions ko;
+    ko.socket_dir = offload_dir.empty() ? std::filesystem::path(control_socket).parent_path().string() : offload_dir;
+    if (ko.socket_dir.empty()) ko.socket_dir = ".";
+    ko.reload_interval = std::chrono::milliseconds(offload_reload_ms);
+    options.offload = std::make_shared<cowtap::offload::KernelOffloadProvider>(ko);
+  }
 
   cowtap::InitLogging(log_level);
   BlockTerminationSignals();  // before any thread starts
