@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # PID 1 of the dm test VM (tests/vm/run.sh): load the modules, run the
 # real-kernel tests of cowtap_dm_test, then (e2e=1 on the kernel command
-# line) the offload end to end over the images on the data disk, and power
+# line) the offload end to end over the images on the data disk, then the
+# same through cowtapd and `cowtap ctl offload` (service_stage), and power
 # off. Reports on the console, which the host parses:
 #   VMSTAGE <name> <seconds> s      one per stage
 #   VMCHECK <name> PASS|FAIL <detail>
@@ -20,6 +21,52 @@ finish() {
   echo "=== vm done ==="
   sync
   poweroff -f
+}
+
+# A key's number in `cowtap ctl offload status --json` output (file $1).
+# 0 when absent, so that arithmetic on it cannot stop this shell (PID 1).
+jnum() { v=$(grep -o "\"$2\": *[0-9]*" "$1" 2>/dev/null | head -1 | grep -o '[0-9]*$'); echo "${v:-0}"; }
+
+# The offload as a user runs it: cowtapd (sim platform: no guest here, the
+# dm device is the disk) and `cowtap ctl offload on|status|off`, a verified
+# load on /dev/mapper/cowtap-svc in two passes while cowtapd's reload thread
+# moves what the miss path allocated to linear segments, the counters
+# checked after each pass; then off, and cowtapd stopped by SIGTERM. The
+# host checks the image and the model the second pass wrote.
+service_stage() {
+  img=/data/svc.qcow2 dev=/dev/mapper/cowtap-svc size=$((32 << 20))
+  mkdir -p /run/cowtap
+  cowtapd --platform sim --sim-socket /run/cowtap/sim.sock --control-socket /run/cowtap/cowtapd.sock \
+    --offload-reload-ms 100 > /tmp/cowtapd.log 2>&1 &
+  dpid=$!
+  i=0; while [ ! -S /run/cowtap/cowtapd.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  if cowtap ctl offload on $img > /tmp/on.txt 2>&1 && [ -b $dev ]; then
+    vmcheck service_offload_on PASS "$(head -1 /tmp/on.txt)"
+  else
+    vmcheck service_offload_on FAIL "$(tr '\n' ' ' < /tmp/on.txt)"; cat /tmp/cowtapd.log; kill $dpid; return
+  fi
+  cowtap_vm_offload_e2e device-load $dev $size 1500 11 '' /tmp/model1.raw 2>&1
+  cowtap ctl offload status $img --json > /tmp/st1.json 2>&1
+  lin=$(jnum /tmp/st1.json linear_sectors); rel=$(jnum /tmp/st1.json reloads)
+  [ "${lin:-0}" -gt 0 ] && [ "${rel:-0}" -gt 0 ] && vmcheck service_went_linear PASS "$lin sectors linear after $rel reloads" ||
+    { vmcheck service_went_linear FAIL "linear ${lin:-?}, reloads ${rel:-?}"; cat /tmp/st1.json; }
+  cowtap_vm_offload_e2e device-load $dev $size 1500 12 /tmp/model1.raw /data/svc-expected.raw 2>&1
+  cowtap ctl offload status $img --json > /tmp/st2.json 2>&1
+  cowtap ctl offload status $img
+  # Of the second pass's bytes, the share the kernel served alone.
+  share=$(awk -v m1="$(($(jnum /tmp/st1.json miss_bytes_read) + $(jnum /tmp/st1.json miss_bytes_written)))" \
+    -v m2="$(($(jnum /tmp/st2.json miss_bytes_read) + $(jnum /tmp/st2.json miss_bytes_written)))" \
+    -v d1="$(($(jnum /tmp/st1.json device_sectors_read) + $(jnum /tmp/st1.json device_sectors_written)))" \
+    -v d2="$(($(jnum /tmp/st2.json device_sectors_read) + $(jnum /tmp/st2.json device_sectors_written)))" \
+    'BEGIN { d = (d2 - d1) * 512; if (d <= 0) { print -1; exit } printf "%.2f", 1 - (m2 - m1) / d }')
+  awk -v s="$share" 'BEGIN { exit !(s > 0) }' && vmcheck service_kernel_served PASS "kernel share of pass 2's bytes: $share" ||
+    vmcheck service_kernel_served FAIL "kernel share of pass 2's bytes: $share"
+  if cowtap ctl offload off $img > /tmp/off.txt 2>&1 && [ ! -e $dev ]; then vmcheck service_offload_off PASS ""
+  else vmcheck service_offload_off FAIL "$(tr '\n' ' ' < /tmp/off.txt)"; fi
+  kill -TERM $dpid; wait $dpid; rc=$?
+  [ $rc -eq 0 ] && vmcheck service_cowtapd_exit PASS "" || { vmcheck service_cowtapd_exit FAIL "exit $rc"; }
+  grep -E 'offload|error|warn' /tmp/cowtapd.log | sed 's/^/cowtapd: /' | tail -20
+  stage service
 }
 
 echo "=== vm begin: $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpus ==="
@@ -60,6 +107,8 @@ if grep -q 'e2e=1' /proc/cmdline; then
     rc=$?
     [ $rc -eq 0 ] && vmcheck offload_e2e PASS "" || vmcheck offload_e2e FAIL "exit $rc"
     sync
+    stage offload_e2e
+    [ -x /bin/cowtapd ] && service_stage
     # Teardown left nothing bound: no dm device, no loop over the image.
     left=$(ls /dev/mapper | grep -v '^control$'; grep -l . /sys/block/loop*/loop/backing_file 2>/dev/null)
     [ -z "$left" ] && vmcheck teardown_complete PASS "" || vmcheck teardown_complete FAIL "still bound: $(echo $left)"
@@ -79,7 +128,7 @@ if grep -q 'e2e=1' /proc/cmdline; then
     vmcheck offload_e2e FAIL "cannot mount the data disk"
     dmesg | tail -20
   fi
-  stage offload_e2e
+  stage teardown
 fi
 dmesg | grep -iE 'nbd|device-mapper|loop|BUG|WARNING|blk_update_request|I/O error' | sed 's/^/dmesg: /' | tail -40
 finish

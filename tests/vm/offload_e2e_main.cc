@@ -10,10 +10,15 @@
 //                           again (priming alone must go linear), more load,
 //                           detach; re-read the image through the engine and
 //                           write the model to EXPECTED
+//   device-load DEVICE SIZE OPS SEED MODEL_IN MODEL_OUT
+//                           a verified random load on DEVICE (the dm device
+//                           cowtapd offloads), from the base's content or
+//                           MODEL_IN ('' for the base); writes MODEL_OUT
 //
 // Prints "VMCHECK e2e_<name> PASS|FAIL <detail>" per check and
 // "E2E <name> <seconds> s" per phase; exits 1 if any check failed.
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -341,12 +346,61 @@ int Run(const std::string& image_path, const std::string& expected_path) {
   return failures == 0 ? 0 : 1;
 }
 
+bool ReadFile(const std::string& path, std::vector<uint8_t>* out) {
+  const int fd = open(path.c_str(), O_RDONLY);
+  if (fd < 0) return false;
+  const ssize_t n = pread(fd, out->data(), out->size(), 0);
+  close(fd);
+  return n == static_cast<ssize_t>(out->size());
+}
+
+// The service stage's workload (init.sh): a verified random load on a block
+// device cowtapd offloads (`cowtap ctl offload on`; its reload thread
+// reloads under the load). The model starts as the base's content, or as
+// model_in, the model an earlier pass wrote; it is written to model_out.
+int DeviceLoad(const std::string& device, uint64_t size, uint64_t ops, uint64_t seed, const std::string& model_in,
+               const std::string& model_out) {
+  const std::string tag = "service_load" + std::to_string(seed);
+  std::vector<uint8_t> model = BaseContent(size);
+  if (!model_in.empty() && !ReadFile(model_in, &model)) {
+    Check(tag, false, "cannot read " + model_in);
+    return 1;
+  }
+  const int fd = open(device.c_str(), O_RDWR | O_DIRECT);
+  if (fd < 0) {
+    Check(tag, false, device + ": " + std::strerror(errno));
+    return 1;
+  }
+  std::string cmp = CompareDevice(fd, model);
+  Check(tag + "_content_before", cmp.empty(), cmp.empty() ? "the device holds the model" : cmp);
+  const auto t0 = std::chrono::steady_clock::now();
+  int reloads = 0, revokes = 0;
+  const std::string err = RunLoad(fd, model, ops, seed, nullptr, 0, &reloads, &revokes);
+  Check(tag, err.empty(), err.empty() ? fmt::format("{} ops x {} threads verified", ops, kThreads) : err);
+  std::printf("E2E %s %.2f s\n", tag.c_str(), Seconds(t0));
+  cmp = CompareDevice(fd, model);
+  Check(tag + "_content_after", cmp.empty(), cmp);
+  Check(tag + "_fsync", fsync(fd) == 0, "");
+  close(fd);
+  const int out = open(model_out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  const bool wrote = out >= 0 && pwrite(out, model.data(), size, 0) == static_cast<ssize_t>(size) && close(out) == 0;
+  Check(tag + "_model", wrote, model_out);
+  return failures == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "fill-base" && argc == 4) return FillBase(argv[2], std::strtoull(argv[3], nullptr, 0));
   if (cmd == "run" && argc == 4) return Run(argv[2], argv[3]);
-  std::fprintf(stderr, "usage: %s fill-base FILE SIZE | run IMAGE EXPECTED\n", argv[0]);
+  if (cmd == "device-load" && argc == 8) {
+    return DeviceLoad(argv[2], std::strtoull(argv[3], nullptr, 0), std::strtoull(argv[4], nullptr, 0),
+                      std::strtoull(argv[5], nullptr, 0), argv[6], argv[7]);
+  }
+  std::fprintf(stderr,
+               "usage: %s fill-base FILE SIZE | run IMAGE EXPECTED | device-load DEVICE SIZE OPS SEED MODEL_IN|'' "
+               "MODEL_OUT\n",
+               argv[0]);
   return 2;
 }

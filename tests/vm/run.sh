@@ -25,6 +25,8 @@ build=$(realpath "${1:?usage: $0 <build-dir> [work-dir]}")
 work=${2:-$build/vm-e2e}
 dm_test="$build/dm/cowtap_dm_test"
 e2e_bin="$build/tests/vm/cowtap_vm_offload_e2e"
+cowtapd_bin="$build/tools/cowtapd"
+cowtap_bin="$build/tools/cowtap"
 mkdir -p "$work"
 work=$(realpath "$work")
 cd "$work"
@@ -73,6 +75,9 @@ fetch() {  # fetch PACKAGE DIR: apt-get download + dpkg-deb -x, once
 fetch "$kpkg" kernel || skip "cannot download $kpkg"
 have_e2e=0
 [[ -x "$e2e_bin" ]] && have_e2e=1 || echo "note: $e2e_bin not built: the offload end-to-end stage is skipped"
+have_service=0
+[[ $have_e2e -eq 1 && -x "$cowtapd_bin" && -x "$cowtap_bin" ]] && have_service=1 ||
+  echo "note: cowtapd or cowtap not built: the service stage (ctl offload) is skipped"
 
 # --- images -------------------------------------------------------------------
 stage images
@@ -83,6 +88,8 @@ if [[ $have_e2e -eq 1 ]]; then
   "$e2e_bin" fill-base data/base.raw $((32 << 20))
   qemu-img convert -q -f raw -O qcow2 -o cluster_size=65536 data/base.raw data/base.qcow2
   qemu-img create -q -f qcow2 -o cluster_size=65536 -b base.qcow2 -F qcow2 data/overlay.qcow2 32M
+  # The overlay the service stage offloads through cowtapd.
+  [[ $have_service -eq 1 ]] && qemu-img create -q -f qcow2 -o cluster_size=65536 -b base.qcow2 -F qcow2 data/svc.qcow2 32M
   rm data/base.raw
 fi
 mkfs.ext4 -q -F -O ^metadata_csum,^has_journal -L cowtapvm -d data data.img 256M
@@ -140,6 +147,10 @@ for f in "${mod_order[@]}"; do cp "$f" root/lib/modules/; basename "$f" .ko; don
 echo "modules: $(tr '\n' ' ' < root/lib/modules/order)"
 copy_with_libs root "$dm_test" /bin/cowtap_dm_test
 [[ $have_e2e -eq 1 ]] && copy_with_libs root "$e2e_bin" /bin/cowtap_vm_offload_e2e
+if [[ $have_service -eq 1 ]]; then
+  copy_with_libs root "$cowtapd_bin" /bin/cowtapd
+  copy_with_libs root "$cowtap_bin" /bin/cowtap
+fi
 cp "$src/tests/vm/init.sh" root/init
 chmod +x root/init
 (cd root && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../initrd.gz)
@@ -194,6 +205,18 @@ if [[ $have_e2e -eq 1 ]]; then
     qemu-img check -q out/base.qcow2 >/dev/null 2>&1 && check host/base_check 1 "" || check host/base_check 0 ""
   else
     check host/images 0 "the VM left no expected.raw / overlay.qcow2 in data.img"
+  fi
+  if [[ $have_service -eq 1 ]]; then
+    for f in svc.qcow2 svc-expected.raw; do debugfs -R "dump /$f out/$f" data.img >/dev/null 2>&1 || true; done
+    if [[ -s out/svc-expected.raw ]]; then
+      if qemu-img check -q out/svc.qcow2 > out/svc-check.txt 2>&1; then check host/service_qemu_img_check 1 "clean"; else
+        check host/service_qemu_img_check 0 "$(head -3 out/svc-check.txt | tr '\n' ' ')"; fi
+      if (cd out && qemu-img compare -q -f qcow2 -F raw svc.qcow2 svc-expected.raw) > out/svc-compare.txt 2>&1; then
+        check host/service_content 1 "the image cowtapd offloaded equals the VM's model"
+      else check host/service_content 0 "$(head -3 out/svc-compare.txt | tr '\n' ' ')"; fi
+    else
+      check host/service_images 0 "the service stage left no svc-expected.raw in data.img"
+    fi
   fi
 fi
 stage ""
