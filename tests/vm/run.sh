@@ -13,6 +13,8 @@
 # the VM wrote) and prints the stages with timings and "N passed, M failed".
 #
 # Usage: tests/vm/run.sh <build-dir> [work-dir]
+#   COWTAP_VM_BENCH=SECONDS   the `cowtap bench --offload` rows run this long
+#                             per device and run (default 1.5; 0: not run)
 #   COWTAP_VM_ACCEL=kvm|tcg   force an accelerator (default: kvm if it
 #                             starts here, else tcg,thread=multi)
 # Needs (Debian 12, installed here when missing and we are root):
@@ -75,6 +77,8 @@ fetch() {  # fetch PACKAGE DIR: apt-get download + dpkg-deb -x, once
 fetch "$kpkg" kernel || skip "cannot download $kpkg"
 have_e2e=0
 [[ -x "$e2e_bin" ]] && have_e2e=1 || echo "note: $e2e_bin not built: the offload end-to-end stage is skipped"
+bench_seconds=${COWTAP_VM_BENCH:-1.5}
+[[ $bench_seconds == 0 ]] && bench_seconds=
 have_service=0
 [[ $have_e2e -eq 1 && -x "$cowtapd_bin" && -x "$cowtap_bin" ]] && have_service=1 ||
   echo "note: cowtapd or cowtap not built: the service stage (ctl offload) is skipped"
@@ -92,7 +96,7 @@ if [[ $have_e2e -eq 1 ]]; then
   [[ $have_service -eq 1 ]] && qemu-img create -q -f qcow2 -o cluster_size=65536 -b base.qcow2 -F qcow2 data/svc.qcow2 32M
   rm data/base.raw
 fi
-mkfs.ext4 -q -F -O ^metadata_csum,^has_journal -L cowtapvm -d data data.img 256M
+mkfs.ext4 -q -F -O ^metadata_csum,^has_journal -L cowtapvm -d data data.img 512M
 
 # --- initramfs ----------------------------------------------------------------
 stage initramfs
@@ -176,7 +180,8 @@ esac
 stage "vm (boot, tests; accel $accel)"
 rc=0
 timeout 780 qemu-system-x86_64 "${qaccel[@]}" -M q35 -m 1024 -smp 2 -nographic -no-reboot \
-  -kernel vmlinuz -initrd initrd.gz -append "console=ttyS0 loglevel=4 panic=-1 e2e=$have_e2e" \
+  -kernel vmlinuz -initrd initrd.gz \
+  -append "console=ttyS0 loglevel=4 panic=-1 e2e=$have_e2e${bench_seconds:+ bench=$bench_seconds}" \
   -drive file=data.img,if=virtio,format=raw,cache=unsafe > vm.log 2>&1 || rc=$?
 [[ $rc -eq 124 ]] && echo "the VM did not power off within 780 s (see $work/vm.log)"
 tr -d '\r' < vm.log > vm.txt

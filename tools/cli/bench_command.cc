@@ -7,6 +7,7 @@
 
 #include <memory>
 
+#include "tools/cli/bench_offload.h"
 #include "tools/cli/bench_report.h"
 #include "tools/cli/bench_run.h"
 #include "tools/cli/command.h"
@@ -35,6 +36,9 @@ class BenchCommand final : public Command {
     app.add_flag("--keep", keep_, "Keep the images afterwards");
     app.add_flag("--buffered", buffered_, "Use the page cache everywhere instead of O_DIRECT (qemu-img -t writeback)");
     app.add_option("--seconds", seconds_, "Time limit per peer and row (default 10; 3 with --quick)");
+    app.add_flag("--offload", offload_,
+                 "Only the kernel offload rows: reads through the dm device, the NBD miss device alone and a loop "
+                 "device of a raw file (needs device-mapper, loop, nbd and root; default --size 64M, --seconds 3)");
     app.footer(
         "Each row runs on four peers in the same run: cowtap through a simulated guest process and its blkif ring,\n"
         "cowtap's engine alone, a raw file with io_uring, and qemu-img bench on the same kind of image.\n"
@@ -49,6 +53,7 @@ class BenchCommand final : public Command {
         std::make_shared<spdlog::logger>("cowtap-bench", std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
     logger->set_level(spdlog::level::warn);
     spdlog::set_default_logger(logger);
+    if (offload_) return RunOffload();
     bench::BenchOptions o;
     if (!size_.empty()) {
       auto size = ParseSize(size_);
@@ -73,6 +78,28 @@ class BenchCommand final : public Command {
   }
 
  private:
+  int RunOffload() {
+    bench::OffloadBenchOptions o;
+    if (!size_.empty()) {
+      auto size = ParseSize(size_);
+      if (!size.ok()) return ReportError(name(), "", size.status());
+      o.size_bytes = *size;
+    }
+    if (seconds_ > 0) o.seconds_per_device = seconds_;
+    o.dir = dir_;
+    o.keep = keep_;
+    o.direct_io = !buffered_;
+    auto report = bench::RunOffloadBench(o, stderr);
+    if (!report.ok()) return ReportError(name(), "", report.status());
+    if (json_) {
+      fmt::print("{}\n", bench::OffloadToJson(*report).dump(2));
+    } else {
+      fmt::print("{}", bench::FormatOffloadTable(*report));
+    }
+    return 0;
+  }
+
+  bool offload_ = false;
   std::string size_;
   std::vector<std::string> rows_;
   bool json_ = false;
