@@ -1,5 +1,6 @@
 #include "dm/offload_attachment.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -20,10 +21,34 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   if (options.prime_max_clusters > 0) {
     COWTAP_ASSIGN_OR_RETURN(a->primed_, PrimeRemapCache(*image, options.prime_max_clusters));
   }
-  // The miss path offers no discard and writes zeroes as data (see
-  // offload_miss_device.h): until the engine revokes before freeing, no
-  // cluster the table may route linear stops being writable in place.
-  a->engine_ = NewOffloadMissDevice(backend::NewImageBlockDevice(image));
+  // Discard and write-zeroes are split by the live table (see
+  // offload_miss_device.h): linear clusters are zeroed in the file in
+  // place, the rest goes to the engine while fenced from the planner.
+  a->fence_ = std::make_shared<MissFence>();
+  a->file_fd_ = ::open(image_file.c_str(), O_RDWR | O_CLOEXEC);
+  if (a->file_fd_ < 0) return Status::FromErrno(errno, "offload: opening " + image_file + " to zero in place");
+  OffloadMissRouting routing;
+  routing.cluster_size = popts.cluster_size;
+  routing.fence = a->fence_;
+  a->routing_counters_ = std::make_shared<MissRoutingCounters>();
+  routing.counters = a->routing_counters_;
+  OffloadAttachment* self = a.get();
+  routing.routing_tables = [self]() -> std::vector<std::shared_ptr<const DmTable>> {
+    OffloadController* c = self->live_controller_.load(std::memory_order_acquire);
+    if (c == nullptr) return {};
+    return c->RoutingTables();
+  };
+  const int file_fd = a->file_fd_;
+  const std::string file_name = image_file;
+  routing.zero_in_place = [file_fd, file_name](uint64_t host_offset, uint64_t length) -> Status {
+    if (::fallocate(file_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(host_offset),
+                    static_cast<off_t>(length)) != 0) {
+      return Status::FromErrno(errno, fmt::format("offload: zeroing {} bytes at {} of {} in place (punch hole)", length,
+                                                  host_offset, file_name));
+    }
+    return Status::Ok();
+  };
+  a->engine_ = NewOffloadMissDevice(backend::NewImageBlockDevice(image), std::move(routing));
   backend::NbdServerOptions so;
   so.address = "unix:" + options.socket_path;
   so.export_name = options.dm_name;
@@ -42,7 +67,11 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   // So every plan collects the clusters, then refreshes the loop's capacity
   // (the file already covers every cluster collected), and any cluster
   // still beyond the device stays miss, which is always safe.
-  auto source = [img, loop, cluster_size] {
+  // The gate (below) drops what a discard or write-zeroes changed since
+  // the generation read here, before the clusters are collected.
+  std::shared_ptr<MissFence> fence = a->fence_;
+  auto source = [img, loop, cluster_size, fence, self] {
+    self->planned_generation_ = fence->generation();
     std::vector<WritableCluster> clusters = CollectWritableClusters(*img);
     Status s = loop->RefreshCapacity();
     if (!s.ok()) spdlog::warn("offload: {}", s.ToString());
@@ -53,6 +82,10 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   };
   a->controller_ =
       std::make_unique<OffloadController>(dm, options.dm_name, a->devices_, planner, std::move(source), options.policy);
+  a->controller_->SetGate([fence, self, cluster_size](const DmTable& t) {
+    return FenceTable(t, *fence, self->planned_generation_, cluster_size);
+  });
+  a->live_controller_.store(a->controller_.get(), std::memory_order_release);
   COWTAP_RETURN_IF_ERROR(a->controller_->Start());
   // Start left the device all miss; the primed remaps go linear now.
   COWTAP_RETURN_IF_ERROR(a->controller_->ReloadNow().status());
@@ -71,6 +104,10 @@ Status OffloadAttachment::Detach() {
   if (loop_) note(loop_->Detach());
   if (server_) server_->Stop();
   if (engine_) note(engine_->Flush());
+  if (file_fd_ >= 0) {
+    ::close(file_fd_);
+    file_fd_ = -1;
+  }
   return first;
 }
 

@@ -15,6 +15,7 @@
 // dm device.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -26,6 +27,7 @@
 #include "dm/loop_device.h"
 #include "dm/nbd_device.h"
 #include "dm/offload_controller.h"
+#include "dm/offload_miss_device.h"
 
 namespace cowtap::dm {
 
@@ -57,6 +59,9 @@ class OffloadAttachment {
   // What user space (the miss path) has served so far.
   backend::NbdServerStats miss_stats() const { return server_->stats(); }
   uint64_t primed_clusters() const { return primed_; }
+  // How the miss path's discards and write-zeroes were split (see
+  // offload_miss_device.h).
+  const MissRoutingCounters& routing_counters() const { return *routing_counters_; }
 
   // Tears down (see the top of the file); the first error is returned, the
   // remaining steps still run. Idempotent.
@@ -74,6 +79,14 @@ class OffloadAttachment {
   std::unique_ptr<NbdDevice> nbd_;
   std::unique_ptr<LoopDevice> loop_;
   std::unique_ptr<OffloadController> controller_;
+  // controller_ for the miss path's threads, set once it exists.
+  std::atomic<OffloadController*> live_controller_{nullptr};
+  std::shared_ptr<MissFence> fence_;
+  std::shared_ptr<MissRoutingCounters> routing_counters_ = std::make_shared<MissRoutingCounters>();
+  int file_fd_ = -1;  // the image file, for zeroing linear clusters in place
+  // The fence's generation when the last plan's clusters were collected;
+  // used only under the controller's lock (its source and gate).
+  uint64_t planned_generation_ = 0;
   bool detached_ = false;
 };
 

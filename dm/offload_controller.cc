@@ -34,13 +34,26 @@ OffloadController::OffloadController(DeviceMapper& dm, std::string name, DmDevic
       now_(std::move(now)),
       scheduler_(policy) {}
 
+bool OffloadController::GateAndPublishLocked(DmTable& table) {
+  std::lock_guard lock(routes_mu_);
+  if (gate_) table = gate_(table);
+  if (started_ && table == live_ && !live_uncertain_) return false;
+  // From its Load on, the kernel may run it.
+  maybe_live_.push_back(std::make_shared<const DmTable>(table));
+  return true;
+}
+
 Status OffloadController::ApplyLocked(const DmTable& table) {
   const auto t0 = Clock::now();
   Status s = ReloadTable(dm_, name_, table, devices_);
   stats_.reload_time += Clock::now() - t0;
   if (!s.ok()) {
-    live_uncertain_ = true;
+    live_uncertain_ = true;  // maybe_live_ keeps every table it may run
     return s;
+  }
+  {
+    std::lock_guard lock(routes_mu_);
+    maybe_live_.assign(1, std::make_shared<const DmTable>(table));
   }
   live_ = table;
   live_uncertain_ = false;
@@ -55,10 +68,13 @@ Status OffloadController::Start() {
   std::lock_guard lock(mu_);
   if (started_) return Status::Busy(fmt::format("offload {} already started", name_));
   COWTAP_RETURN_IF_ERROR(dm_.Create(name_));
-  const DmTable all_miss = DmTable::AllMiss(planner_.options().disk_size_bytes / kSectorSize);
+  DmTable all_miss = DmTable::AllMiss(planner_.options().disk_size_bytes / kSectorSize);
+  GateAndPublishLocked(all_miss);
   Status s = ApplyLocked(all_miss);
   if (!s.ok()) {
     (void)dm_.Remove(name_);
+    std::lock_guard routes(routes_mu_);
+    maybe_live_.clear();
     return s;
   }
   started_ = true;
@@ -69,7 +85,7 @@ Result<bool> OffloadController::ReloadNow() {
   std::lock_guard lock(mu_);
   if (!started_) return Status::InvalidArgument(fmt::format("offload {} not started", name_));
   COWTAP_ASSIGN_OR_RETURN(DmTable table, planner_.Plan(source_()));
-  if (table == live_ && !live_uncertain_) {
+  if (!GateAndPublishLocked(table)) {
     scheduler_.NoteReloaded(now_());
     return false;
   }
@@ -94,7 +110,7 @@ Status OffloadController::RevokeBeforeReuse(uint64_t first_cluster, uint64_t cou
   const uint64_t first_sector = MulU64(first_cluster, spc).value_or(UINT64_MAX);
   const uint64_t sectors = MulU64(count, spc).value_or(UINT64_MAX);
   DmTable table = live_.WithMiss(first_sector, sectors);
-  if (table == live_ && !live_uncertain_) {
+  if (!GateAndPublishLocked(table)) {
     ++stats_.revokes_without_reload;
     return Status::Ok();
   }
@@ -106,12 +122,22 @@ Status OffloadController::Stop() {
   std::lock_guard lock(mu_);
   if (!started_) return Status::Ok();
   started_ = false;
-  return dm_.Remove(name_);
+  Status s = dm_.Remove(name_);
+  if (s.ok()) {
+    std::lock_guard routes(routes_mu_);
+    maybe_live_.clear();
+  }
+  return s;
 }
 
 DmTable OffloadController::live_table() const {
   std::lock_guard lock(mu_);
   return live_;
+}
+
+std::vector<std::shared_ptr<const DmTable>> OffloadController::RoutingTables() const {
+  std::lock_guard lock(routes_mu_);
+  return maybe_live_;
 }
 
 OffloadStats OffloadController::stats() const {

@@ -14,12 +14,16 @@
 // OffloadController owns the dm device of a VBD: creates it all-miss, keeps
 // it reloaded from the planner and a source of writable clusters, and
 // implements RemapRevoker. Thread-safe: every method serializes on one
-// mutex, so a Refresh never interleaves with a Revoke.
+// mutex, so a Refresh never interleaves with a Revoke — except
+// RoutingTables, which only takes a short lock of its own and so may be
+// called from the miss path while a reload waits in suspend for that very
+// request.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -83,6 +87,11 @@ class OffloadController : public RemapRevoker {
  public:
   using Source = std::function<std::vector<WritableCluster>()>;
   using Now = std::function<Clock::time_point()>;
+  // Last word on every table before it is loaded: may only turn ranges
+  // miss. Runs under the lock RoutingTables takes, so a caller that marks
+  // a range (for the gate to see) and then reads RoutingTables either has
+  // its mark honoured or sees the table that ignored it.
+  using Gate = std::function<DmTable(const DmTable&)>;
 
   OffloadController(DeviceMapper& dm, std::string name, DmDevices devices, OffloadPlanner planner, Source source,
                     ReloadPolicy policy = {}, Now now = Clock::now);
@@ -98,12 +107,21 @@ class OffloadController : public RemapRevoker {
   Status RevokeBeforeReuse(uint64_t first_cluster, uint64_t count) override;
   // Removes the device.
   Status Stop();
+  // Set before Start.
+  void SetGate(Gate gate) { gate_ = std::move(gate); }
 
   DmTable live_table() const;
+  // Every table the kernel may be running right now: the live one, and
+  // while a reload is between Load and Resume (or failed there) the
+  // loaded ones too. Empty before Start and after Stop.
+  std::vector<std::shared_ptr<const DmTable>> RoutingTables() const;
   OffloadStats stats() const;
 
  private:
-  Status ApplyLocked(const DmTable& table);
+  // Gates table and publishes it in maybe_live_; false if it then equals
+  // the live table (nothing to load).
+  bool GateAndPublishLocked(DmTable& table);
+  Status ApplyLocked(const DmTable& table);  // REQUIRES: GateAndPublishLocked
 
   DeviceMapper& dm_;
   const std::string name_;
@@ -118,7 +136,10 @@ class OffloadController : public RemapRevoker {
   // A reload failed after its Load: the kernel may run either table, so
   // live_ is not trusted to say a range is already miss.
   bool live_uncertain_ = false;  // GUARDED_BY(mu_)
-  OffloadStats stats_;         // GUARDED_BY(mu_)
+  OffloadStats stats_;           // GUARDED_BY(mu_)
+  Gate gate_;
+  mutable std::mutex routes_mu_;                            // taken inside mu_, never the other way
+  std::vector<std::shared_ptr<const DmTable>> maybe_live_;  // GUARDED_BY(routes_mu_)
 };
 
 }  // namespace cowtap::dm

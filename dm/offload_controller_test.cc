@@ -38,8 +38,9 @@ class ControllerTest : public ::testing::Test {
  protected:
   ControllerTest()
       : planner_(*OffloadPlanner::Make({16 * kCluster, kCluster, 4096})),
-        ctl_(dm_, "cowtap-1", devs_, planner_, [this] { return known_; },
-             {/*min_interval=*/100ms, /*max_delay=*/1s, /*max_pending=*/4}, [this] { return now_; }) {}
+        ctl_(
+            dm_, "cowtap-1", devs_, planner_, [this] { return known_; },
+            {/*min_interval=*/100ms, /*max_delay=*/1s, /*max_pending=*/4}, [this] { return now_; }) {}
 
   FakeDeviceMapper dm_;
   DmDevices devs_{"/dev/loop7", "/dev/nbd2"};
@@ -151,6 +152,34 @@ TEST_F(ControllerTest, AfterAFailedResumeARevokeNeverTrustsItsOwnTable) {
   EXPECT_EQ(ctl_.stats().revokes_without_reload, 0u);
 }
 
+TEST_F(ControllerTest, RoutingTablesHoldEveryTableTheKernelMayRunAndTheGateHasTheLastWord) {
+  EXPECT_TRUE(ctl_.RoutingTables().empty());
+  ASSERT_TRUE(ctl_.Start().ok());
+  ASSERT_EQ(ctl_.RoutingTables().size(), 1u);
+  EXPECT_EQ(*ctl_.RoutingTables()[0], DmTable::AllMiss(16 * kSpc));
+  // The gate keeps cluster 5 miss whatever the planner says.
+  ctl_.SetGate([](const DmTable& t) { return t.WithMiss(5 * kSpc, kSpc); });
+  known_ = {{4, 40 * kCluster}, {5, 41 * kCluster}};
+  ASSERT_TRUE(*ctl_.ReloadNow());
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->SegmentAt(4 * kSpc).kind, K::kLinear);
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->SegmentAt(5 * kSpc).kind, K::kMiss);
+  ASSERT_EQ(ctl_.RoutingTables().size(), 1u);
+  EXPECT_EQ(*ctl_.RoutingTables()[0], *dm_.LiveTable("cowtap-1"));
+  EXPECT_FALSE(*ctl_.ReloadNow()) << "the gated plan equals the live table: no reload";
+  // A reload that fails after its Load leaves both tables possible.
+  known_ = {{4, 40 * kCluster}, {6, 42 * kCluster}};
+  dm_.FailNext(FakeDeviceMapper::Call::kResume);
+  EXPECT_FALSE(ctl_.ReloadNow().ok());
+  const auto maybe = ctl_.RoutingTables();
+  ASSERT_EQ(maybe.size(), 2u);
+  EXPECT_EQ(maybe[0]->SegmentAt(6 * kSpc).kind, K::kMiss);
+  EXPECT_EQ(maybe[1]->SegmentAt(6 * kSpc).kind, K::kLinear);
+  ASSERT_TRUE(ctl_.ReloadNow().ok());
+  EXPECT_EQ(ctl_.RoutingTables().size(), 1u);
+  ASSERT_TRUE(ctl_.Stop().ok());
+  EXPECT_TRUE(ctl_.RoutingTables().empty());
+}
+
 TEST_F(ControllerTest, ABrokenSourceIsRefusedNotLoaded) {
   ASSERT_TRUE(ctl_.Start().ok());
   known_ = {{99, 0}};
@@ -172,8 +201,9 @@ TEST(ControllerConcurrencyTest, RevokedRangesStayMissWhileOtherThreadsReload) {
     for (uint64_t c : known) out.push_back({c, (c + 100) * kCluster});
     return out;
   };
-  OffloadController ctl(dm, "cowtap-c", {"/dev/loop1", "/dev/nbd1"}, *OffloadPlanner::Make({256 * kCluster, kCluster, 64}),
-                        source, {/*min_interval=*/0ms, /*max_delay=*/0ms, /*max_pending=*/1});
+  OffloadController ctl(dm, "cowtap-c", {"/dev/loop1", "/dev/nbd1"},
+                        *OffloadPlanner::Make({256 * kCluster, kCluster, 64}), source,
+                        {/*min_interval=*/0ms, /*max_delay=*/0ms, /*max_pending=*/1});
   ASSERT_TRUE(ctl.Start().ok());
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;

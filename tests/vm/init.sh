@@ -61,6 +61,9 @@ service_stage() {
     'BEGIN { d = (d2 - d1) * 512; if (d <= 0) { print -1; exit } printf "%.2f", 1 - (m2 - m1) / d }')
   awk -v s="$share" 'BEGIN { exit !(s > 0) }' && vmcheck service_kernel_served PASS "kernel share of pass 2's bytes: $share" ||
     vmcheck service_kernel_served FAIL "kernel share of pass 2's bytes: $share"
+  zi=$(jnum /tmp/st2.json zeroes_in_place); ze=$(jnum /tmp/st2.json zeroes_to_engine)
+  [ "$ze" -gt 0 ] && vmcheck service_discards_routed PASS "$ze discard/zeroes to the engine, $zi zeroed in place" ||
+    vmcheck service_discards_routed FAIL "no discard or write-zeroes reached the engine ($zi in place)"
   if cowtap ctl offload off $img > /tmp/off.txt 2>&1 && [ ! -e $dev ]; then vmcheck service_offload_off PASS ""
   else vmcheck service_offload_off FAIL "$(tr '\n' ' ' < /tmp/off.txt)"; fi
   kill -TERM $dpid; wait $dpid; rc=$?
