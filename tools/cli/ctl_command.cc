@@ -266,6 +266,8 @@ class CtlCommand final : public Command {
     out += fmt::format("  revokes          {}\n", o.revokes);
     out += fmt::format("  primed clusters  {}\n", o.primed_clusters);
     out += fmt::format("  miss path        {} requests, {:.1f} MiB\n", o.miss_requests, miss_bytes / 1048576.0);
+    out +=
+        fmt::format("  discard/zeroes   {} zeroed in place, {} to the engine\n", o.zeroes_in_place, o.zeroes_to_engine);
     if (o.device_io_known) {
       out += fmt::format("  device I/O       {:.1f} MiB\n",
                          (o.device_sectors_read + o.device_sectors_written) * 512 / 1048576.0);

@@ -66,6 +66,9 @@ struct OffloadSnapshot {
   uint64_t primed_clusters = 0;
   // What the miss device (cowtapd, user space) served.
   uint64_t miss_requests = 0, miss_bytes_read = 0, miss_bytes_written = 0;
+  // Discards and write-zeroes the miss path split by the table: zeroed in
+  // the image file in place (linear clusters) or changed by the engine.
+  uint64_t zeroes_in_place = 0, zeroes_to_engine = 0;
   // All I/O the dm device completed (its /sys/block/dm-N/stat), in 512-byte
   // sectors; device_io_known is false where the kernel does not say.
   bool device_io_known = false;

@@ -171,6 +171,8 @@ Json OffloadToJson(const OffloadSnapshot& s) {
   j["miss_requests"] = s.miss_requests;
   j["miss_bytes_read"] = s.miss_bytes_read;
   j["miss_bytes_written"] = s.miss_bytes_written;
+  j["zeroes_in_place"] = s.zeroes_in_place;
+  j["zeroes_to_engine"] = s.zeroes_to_engine;
   j["device_io_known"] = s.device_io_known;
   j["device_sectors_read"] = s.device_sectors_read;
   j["device_sectors_written"] = s.device_sectors_written;
@@ -276,6 +278,8 @@ bool OffloadFromJson(const Json& j, OffloadSnapshot* s, std::string* error) {
          GetU64(j, "miss_requests", &s->miss_requests, error) &&
          GetU64(j, "miss_bytes_read", &s->miss_bytes_read, error) &&
          GetU64(j, "miss_bytes_written", &s->miss_bytes_written, error) &&
+         GetU64(j, "zeroes_in_place", &s->zeroes_in_place, error) &&
+         GetU64(j, "zeroes_to_engine", &s->zeroes_to_engine, error) &&
          GetBool(j, "device_io_known", &s->device_io_known, error) &&
          GetU64(j, "device_sectors_read", &s->device_sectors_read, error) &&
          GetU64(j, "device_sectors_written", &s->device_sectors_written, error);

@@ -389,6 +389,8 @@ TEST(ControlProtocolTest, OffloadRepliesRoundTripWithEveryField) {
   o.miss_requests = 8;
   o.miss_bytes_read = 9;
   o.miss_bytes_written = 10;
+  o.zeroes_in_place = 13;
+  o.zeroes_to_engine = 14;
   o.device_io_known = true;
   o.device_sectors_read = 11;
   o.device_sectors_written = 12;
@@ -401,10 +403,10 @@ TEST(ControlProtocolTest, OffloadRepliesRoundTripWithEveryField) {
   EXPECT_EQ(b.device, o.device);
   EXPECT_EQ(std::tie(b.size_sectors, b.segments, b.linear_sectors, b.reloads, b.reload_time_us, b.revokes,
                      b.primed_clusters, b.miss_requests, b.miss_bytes_read, b.miss_bytes_written, b.device_sectors_read,
-                     b.device_sectors_written),
+                     b.device_sectors_written, b.zeroes_in_place, b.zeroes_to_engine),
             std::tie(o.size_sectors, o.segments, o.linear_sectors, o.reloads, o.reload_time_us, o.revokes,
                      o.primed_clusters, o.miss_requests, o.miss_bytes_read, o.miss_bytes_written, o.device_sectors_read,
-                     o.device_sectors_written));
+                     o.device_sectors_written, o.zeroes_in_place, o.zeroes_to_engine));
   EXPECT_TRUE(b.device_io_known);
 }
 

@@ -51,6 +51,9 @@ class KernelOffload : public daemon::ImageOffload {
     s.miss_requests = miss.requests;
     s.miss_bytes_read = miss.bytes_read;
     s.miss_bytes_written = miss.bytes_written;
+    const dm::MissRoutingCounters& rc = attachment_->routing_counters();
+    s.zeroes_in_place = rc.in_place_requests.load();
+    s.zeroes_to_engine = rc.engine_requests.load();
     if (auto io = ReadBlockDeviceIo(s.device); io.ok()) {
       s.device_io_known = true;
       s.device_sectors_read = io->sectors_read;
