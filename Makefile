@@ -62,8 +62,9 @@ bench: build
 	@$(BUILD_DIR)/tools/cowtap bench $(BENCH_ARGS)
 
 # Proof in a real kernel (tests/vm/run.sh): Debian's kernel under QEMU runs
-# dm/'s loop, nbd and device-mapper tests and the offload end to end; fetches
-# the kernel package on first use. Not part of `make test`.
+# dm/'s loop, nbd and device-mapper tests, the offload end to end, the same
+# through cowtapd and `cowtap bench --offload`; fetches the kernel package on
+# first use. Also run by `make test` (ctest vm_dm, about a minute).
 .PHONY: test-vm
 test-vm: build
 	@tests/vm/run.sh $(BUILD_DIR)
