@@ -177,6 +177,9 @@ TEST_F(SimFaultsTest, GrantUnmapFailureLeavesThePagesPinnedAndServingGoesOn) {
   for (uint64_t s = 16; s < 64; s += 8) ASSERT_EQ(g->Write(s, 8, 1), kOkay);
   EXPECT_TRUE(g->Holds(0, 64, 1));
   EXPECT_EQ(r.sim().MappedGrantCount(42), idle_pins + 1);
+  auto st = r.daemon().Stats(VbdId(42));
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->leaked_pages, 1u) << "what `cowtap ctl stats` shows the administrator";
 
   // Teardown releases everything but the leaked page, and does not crash.
   g->front.reset();
@@ -239,6 +242,9 @@ TEST_F(SimFaultsTest, EventChannelNotifyFailureIsRetriedAndNoCompletionIsLost) {
   EXPECT_EQ(completions[0].status, kOkay);
   EXPECT_TRUE(g->Holds(0, 8, 1));
   EXPECT_TRUE(g->Holds(8, 8, 2));
+  auto st = r.daemon().Stats(VbdId(44));
+  ASSERT_TRUE(st.ok());
+  EXPECT_GE(st->notify_failures, 1u) << "what `cowtap ctl stats` shows the administrator";
   ExpectHealthyPassed();
 }
 

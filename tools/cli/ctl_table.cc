@@ -160,6 +160,8 @@ std::string FormatVbdDetails(const daemon::VbdStatsSnapshot& s) {
                    s.fast_path_ios + s.slow_path_ios));
   line("allocations:", std::to_string(s.allocations));
   line("memory:", fmt::format("{} MiB", Mib(s.memory_bytes)));
+  line("faults:", fmt::format("{} guest pages leaked (unmap failed), {} event-channel kicks failed (retried)",
+                              s.leaked_pages, s.notify_failures));
   return out;
 }
 

@@ -165,7 +165,7 @@ TEST(CtlTableTest, DetailsNameEveryFigure) {
   const std::string d = FormatVbdDetails(s);
   for (const char* key :
        {"vbd:", "image:", "format:", "state:", "reads:", "writes:", "flushes:", "discards:", "errors:", "queues:",
-        "latency p50:", "latency p99:", "remap cache:", "fast path:", "allocations:", "memory:"}) {
+        "latency p50:", "latency p99:", "remap cache:", "fast path:", "allocations:", "memory:", "faults:"}) {
     EXPECT_NE(d.find(key), std::string::npos) << key;
   }
   EXPECT_NE(d.find("42"), std::string::npos);

@@ -47,6 +47,9 @@ struct VbdStatsSnapshot {
   double remap_mean_probe = 0;
   uint64_t fast_path_ios = 0, slow_path_ios = 0, allocations = 0;
   uint64_t memory_bytes = 0;  // caches and mapped pages this VBD holds
+  // Faults the guest cannot see: guest pages whose unmap failed (kept
+  // mapped, never reused) and event-channel kicks that failed (retried).
+  uint64_t leaked_pages = 0, notify_failures = 0;
 };
 
 // One image's kernel offload (dm/): the guest's disk is the dm device

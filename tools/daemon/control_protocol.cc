@@ -154,6 +154,8 @@ Json StatsToJson(const VbdStatsSnapshot& s) {
   j["slow_path_ios"] = s.slow_path_ios;
   j["allocations"] = s.allocations;
   j["memory_bytes"] = s.memory_bytes;
+  j["leaked_pages"] = s.leaked_pages;
+  j["notify_failures"] = s.notify_failures;
   return j;
 }
 
@@ -239,7 +241,8 @@ bool StatsFromJson(const Json& j, VbdStatsSnapshot* s, std::string* error) {
             GetU64(j, "remap_lookups", &s->remap_lookups, error) && GetU64(j, "remap_hits", &s->remap_hits, error) &&
             GetU64(j, "fast_path_ios", &s->fast_path_ios, error) &&
             GetU64(j, "slow_path_ios", &s->slow_path_ios, error) && GetU64(j, "allocations", &s->allocations, error) &&
-            GetU64(j, "memory_bytes", &s->memory_bytes, error);
+            GetU64(j, "memory_bytes", &s->memory_bytes, error) && GetU64(j, "leaked_pages", &s->leaked_pages, error) &&
+            GetU64(j, "notify_failures", &s->notify_failures, error);
   if (!ok) return false;
   if (auto it = j.find("remap_mean_probe"); it != j.end()) {
     if (!it->is_number()) {

@@ -55,6 +55,8 @@ VbdStatsSnapshot SampleStats() {
   s.slow_path_ios = 12;
   s.allocations = 13;
   s.memory_bytes = 1 << 20;
+  s.leaked_pages = 14;
+  s.notify_failures = 15;
   return s;
 }
 
@@ -73,6 +75,8 @@ void ExpectSameStats(const VbdStatsSnapshot& a, const VbdStatsSnapshot& b) {
   EXPECT_EQ(a.bytes_written, b.bytes_written);
   EXPECT_EQ(a.queues, b.queues);
   EXPECT_EQ(a.queue_depth, b.queue_depth);
+  EXPECT_EQ(a.leaked_pages, b.leaked_pages);
+  EXPECT_EQ(a.notify_failures, b.notify_failures);
   EXPECT_EQ(a.latency_us_log2, b.latency_us_log2);
   EXPECT_EQ(a.remap_lookups, b.remap_lookups);
   EXPECT_EQ(a.remap_hits, b.remap_hits);

@@ -238,6 +238,8 @@ VbdStatsSnapshot ManagedVbd::Snapshot() const {
   s.queue_depth = static_cast<uint32_t>(v.in_flight);
   s.latency_us_log2 = v.latency_us_log2;
   s.memory_bytes = v.mapped_pages * xen::kPageSize;
+  s.leaked_pages = v.leaked_pages;
+  s.notify_failures = v.notify_failures;
   if (image) {
     const cow::ImageIoStats io = image->io_stats();  // documented as readable racily
     s.fast_path_ios = io.fast_reads + io.fast_writes;
