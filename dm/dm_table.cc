@@ -77,25 +77,56 @@ size_t DmTable::linear_segment_count() const {
 }
 
 DmTable DmTable::WithMiss(uint64_t first_sector, uint64_t sector_count) const {
-  const uint64_t lo = std::min(first_sector, size_sectors_);
-  const uint64_t hi = std::min(AddU64(first_sector, sector_count).value_or(UINT64_MAX), size_sectors_);
-  if (lo >= hi) return *this;
+  return WithMissRanges({{first_sector, sector_count}});
+}
+
+DmTable DmTable::WithMissRanges(std::vector<std::pair<uint64_t, uint64_t>> ranges) const {
+  // As [lo, hi) within the device, sorted and merged.
+  std::vector<std::pair<uint64_t, uint64_t>> iv;
+  iv.reserve(ranges.size());
+  for (const auto& [first, count] : ranges) {
+    const uint64_t lo = std::min(first, size_sectors_);
+    const uint64_t hi = std::min(AddU64(first, count).value_or(UINT64_MAX), size_sectors_);
+    if (lo < hi) iv.emplace_back(lo, hi);
+  }
+  if (iv.empty()) return *this;
+  std::sort(iv.begin(), iv.end());
+  size_t n = 0;
+  for (size_t i = 1; i < iv.size(); ++i) {
+    if (iv[i].first <= iv[n].second) {
+      iv[n].second = std::max(iv[n].second, iv[i].second);
+    } else {
+      iv[++n] = iv[i];
+    }
+  }
+  iv.resize(n + 1);
+
   std::vector<DmSegment> out;
-  out.reserve(segments_.size() + 2);
+  out.reserve(segments_.size() + 2 * iv.size());
+  size_t k = 0;  // first interval that may overlap the current segment
   for (const auto& s : segments_) {
-    if (s.kind == DmSegment::Kind::kMiss || s.end_sector() <= lo || s.start_sector >= hi) {
+    if (s.kind == DmSegment::Kind::kMiss) {
       out.push_back(s);
       continue;
     }
-    // A linear segment overlapping [lo, hi): keep its parts outside.
-    if (s.start_sector < lo) {
-      out.push_back({s.start_sector, lo - s.start_sector, DmSegment::Kind::kLinear, s.target_sector});
-    }
-    const uint64_t mlo = std::max(s.start_sector, lo);
-    const uint64_t mhi = std::min(s.end_sector(), hi);
-    out.push_back({mlo, mhi - mlo, DmSegment::Kind::kMiss, mlo});
-    if (s.end_sector() > hi) {
-      out.push_back({hi, s.end_sector() - hi, DmSegment::Kind::kLinear, s.target_sector + (hi - s.start_sector)});
+    // A linear segment: its parts inside intervals go miss.
+    const uint64_t end = s.end_sector();
+    uint64_t pos = s.start_sector;
+    while (k < iv.size() && iv[k].second <= pos) ++k;
+    while (pos < end) {
+      if (k >= iv.size() || iv[k].first >= end) {
+        out.push_back({pos, end - pos, DmSegment::Kind::kLinear, s.target_sector + (pos - s.start_sector)});
+        break;
+      }
+      const auto [lo, hi] = iv[k];
+      if (lo > pos) {
+        out.push_back({pos, lo - pos, DmSegment::Kind::kLinear, s.target_sector + (pos - s.start_sector)});
+        pos = lo;
+      }
+      const uint64_t mhi = std::min(hi, end);
+      out.push_back({pos, mhi - pos, DmSegment::Kind::kMiss, pos});
+      pos = mhi;
+      if (hi <= end) ++k;  // used up; else it runs on into the next segment
     }
   }
   auto r = Make(size_sectors_, std::move(out));

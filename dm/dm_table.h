@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/status.h"
@@ -64,6 +65,9 @@ class DmTable {
   // The same table with [first_sector, first_sector + count) routed to the
   // miss device (clamped to the table's size). Never fails.
   DmTable WithMiss(uint64_t first_sector, uint64_t sector_count) const;
+  // The same for many (first_sector, sector_count) ranges, in one pass
+  // (any order, overlaps allowed).
+  DmTable WithMissRanges(std::vector<std::pair<uint64_t, uint64_t>> ranges) const;
 
   // dmsetup's text form, one line per segment:
   //   "<start> <len> linear <device> <offset>\n"

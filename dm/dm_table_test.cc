@@ -2,6 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <random>
+#include <utility>
+#include <vector>
+
 namespace cowtap::dm {
 namespace {
 
@@ -70,6 +75,35 @@ TEST(DmTableTest, WithMissCutsLinearSegmentsAndKeepsTheRest) {
   EXPECT_EQ(t->WithMiss(120, UINT64_MAX).linear_sectors(), 20u);
   EXPECT_EQ(t->WithMiss(400, 10), *t);
   EXPECT_EQ(t->WithMiss(0, 100), *t);  // already miss
+}
+
+// One pass over many ranges gives what one WithMiss per range gives.
+TEST(DmTableTest, WithMissRangesEqualsOneWithMissPerRange) {
+  std::mt19937_64 rng(7);
+  for (int round = 0; round < 300; ++round) {
+    const uint64_t size = 64 + rng() % 2000;
+    std::vector<DmSegment> segs;
+    for (uint64_t pos = 0; pos < size;) {
+      const uint64_t n = std::min<uint64_t>(size - pos, 1 + rng() % 100);
+      if (rng() % 2) {
+        segs.push_back({pos, n, K::kLinear, 100000 + rng() % 100000});
+      } else {
+        segs.push_back({pos, n, K::kMiss, pos});
+      }
+      pos += n;
+    }
+    auto t = DmTable::Make(size, segs);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    DmTable expected = *t;
+    for (int i = 0, n = static_cast<int>(rng() % 12); i < n; ++i) {
+      const uint64_t first = rng() % (size + 50);
+      const uint64_t count = rng() % 8 == 0 ? UINT64_MAX - rng() % 3 : rng() % 300;
+      ranges.emplace_back(first, count);
+      expected = expected.WithMiss(first, count);
+    }
+    EXPECT_EQ(t->WithMissRanges(ranges), expected) << "round " << round;
+  }
 }
 
 }  // namespace

@@ -5,10 +5,41 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <vector>
+
 #include "dm/offload_miss_device.h"
 #include "dm/offload_planner.h"
 
 namespace cowtap::dm {
+
+Status ZeroFileRange(int fd, const std::string& name, uint64_t offset, uint64_t length, ZeroMode mode) {
+  // Punch a hole (discard) or zero the range keeping its blocks
+  // (write-zeroes); where the filesystem has neither, write zeros.
+  const int flags = mode == ZeroMode::kDeallocate ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                                                  : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+  if (::fallocate(fd, flags, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return Status::Ok();
+  if (errno != EOPNOTSUPP) {
+    return Status::FromErrno(errno, fmt::format("offload: zeroing {} bytes at {} of {} in place ({})", length, offset,
+                                                name, mode == ZeroMode::kDeallocate ? "punch hole" : "zero range"));
+  }
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  for (uint64_t done = 0; done < length;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(length - done, zeros.size()));
+    const ssize_t w = ::pwrite(fd, zeros.data(), n, static_cast<off_t>(offset + done));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      return Status::FromErrno(w < 0 ? errno : EIO,
+                               fmt::format("offload: writing zeros to {} bytes at {} of {}", length, offset, name));
+    }
+    done += static_cast<uint64_t>(w);
+  }
+  // The loop device reads with O_DIRECT: the zeros must be on the file
+  // before the request is answered.
+  if (::fdatasync(fd) != 0) return Status::FromErrno(errno, "offload: fdatasync of " + name + " after zeroing");
+  return Status::Ok();
+}
 
 Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared_ptr<cow::Image> image,
                                                                      const std::string& image_file, DeviceMapper& dm,
@@ -40,13 +71,8 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   };
   const int file_fd = a->file_fd_;
   const std::string file_name = image_file;
-  routing.zero_in_place = [file_fd, file_name](uint64_t host_offset, uint64_t length) -> Status {
-    if (::fallocate(file_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(host_offset),
-                    static_cast<off_t>(length)) != 0) {
-      return Status::FromErrno(errno, fmt::format("offload: zeroing {} bytes at {} of {} in place (punch hole)", length,
-                                                  host_offset, file_name));
-    }
-    return Status::Ok();
+  routing.zero_in_place = [file_fd, file_name](uint64_t host_offset, uint64_t length, ZeroMode mode) -> Status {
+    return ZeroFileRange(file_fd, file_name, host_offset, length, mode);
   };
   a->engine_ = NewOffloadMissDevice(backend::NewImageBlockDevice(image), std::move(routing));
   backend::NbdServerOptions so;
@@ -72,6 +98,7 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   std::shared_ptr<MissFence> fence = a->fence_;
   auto source = [img, loop, cluster_size, fence, self] {
     self->planned_generation_ = fence->generation();
+    self->plan_fresh_ = true;
     std::vector<WritableCluster> clusters = CollectWritableClusters(*img);
     Status s = loop->RefreshCapacity();
     if (!s.ok()) spdlog::warn("offload: {}", s.ToString());
@@ -82,8 +109,14 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   };
   a->controller_ =
       std::make_unique<OffloadController>(dm, options.dm_name, a->devices_, planner, std::move(source), options.policy);
+  // A fresh plan drops what changed since its clusters were collected;
+  // any other table (a revoke's, Start's) only narrows tables already
+  // published, whose linear clusters the miss path never frees, so what is
+  // fenced now is enough.
   a->controller_->SetGate([fence, self, cluster_size](const DmTable& t) {
-    return FenceTable(t, *fence, self->planned_generation_, cluster_size);
+    const uint64_t since = self->plan_fresh_ ? self->planned_generation_ : fence->generation();
+    self->plan_fresh_ = false;
+    return FenceTable(t, *fence, since, cluster_size);
   });
   a->live_controller_.store(a->controller_.get(), std::memory_order_release);
   COWTAP_RETURN_IF_ERROR(a->controller_->Start());

@@ -40,6 +40,10 @@ struct OffloadAttachmentOptions {
   bool loop_direct_io = true;
 };
 
+// Zeroes [offset, offset + length) of an open file in place for mode
+// (fallocate; zeros written where the filesystem has no such fallocate).
+Status ZeroFileRange(int fd, const std::string& name, uint64_t offset, uint64_t length, ZeroMode mode);
+
 class OffloadAttachment {
  public:
   // REQUIRES: image_file is the path of image's top layer file. Fails with
@@ -82,11 +86,12 @@ class OffloadAttachment {
   // controller_ for the miss path's threads, set once it exists.
   std::atomic<OffloadController*> live_controller_{nullptr};
   std::shared_ptr<MissFence> fence_;
-  std::shared_ptr<MissRoutingCounters> routing_counters_ = std::make_shared<MissRoutingCounters>();
+  std::shared_ptr<MissRoutingCounters> routing_counters_;
   int file_fd_ = -1;  // the image file, for zeroing linear clusters in place
   // The fence's generation when the last plan's clusters were collected;
   // used only under the controller's lock (its source and gate).
   uint64_t planned_generation_ = 0;
+  bool plan_fresh_ = false;  // the next gate call is for the plan just collected
   bool detached_ = false;
 };
 

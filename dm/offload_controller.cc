@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "base/checked_math.h"
 
 namespace cowtap::dm {
@@ -37,9 +39,14 @@ OffloadController::OffloadController(DeviceMapper& dm, std::string name, DmDevic
 bool OffloadController::GateAndPublishLocked(DmTable& table) {
   std::lock_guard lock(routes_mu_);
   if (gate_) table = gate_(table);
+  // After this many failed reloads in a row, only go back to user space:
+  // an all-miss table routes nothing, so it need not be remembered, and
+  // once one loads the list is one table again.
+  if (maybe_live_.size() >= kMaxUncertainTables) table = DmTable::AllMiss(table.size_sectors());
   if (started_ && table == live_ && !live_uncertain_) return false;
   // From its Load on, the kernel may run it.
-  maybe_live_.push_back(std::make_shared<const DmTable>(table));
+  const bool known = std::any_of(maybe_live_.begin(), maybe_live_.end(), [&](const auto& t) { return *t == table; });
+  if (!known && table.linear_sectors() > 0) maybe_live_.push_back(std::make_shared<const DmTable>(table));
   return true;
 }
 

@@ -137,6 +137,7 @@ class OffloadController : public RemapRevoker {
   // live_ is not trusted to say a range is already miss.
   bool live_uncertain_ = false;  // GUARDED_BY(mu_)
   OffloadStats stats_;           // GUARDED_BY(mu_)
+  static constexpr size_t kMaxUncertainTables = 8;
   Gate gate_;
   mutable std::mutex routes_mu_;                            // taken inside mu_, never the other way
   std::vector<std::shared_ptr<const DmTable>> maybe_live_;  // GUARDED_BY(routes_mu_)

@@ -153,12 +153,12 @@ TEST_F(ControllerTest, AfterAFailedResumeARevokeNeverTrustsItsOwnTable) {
 }
 
 TEST_F(ControllerTest, RoutingTablesHoldEveryTableTheKernelMayRunAndTheGateHasTheLastWord) {
+  // The gate keeps cluster 5 miss whatever the planner says.
+  ctl_.SetGate([](const DmTable& t) { return t.WithMiss(5 * kSpc, kSpc); });
   EXPECT_TRUE(ctl_.RoutingTables().empty());
   ASSERT_TRUE(ctl_.Start().ok());
   ASSERT_EQ(ctl_.RoutingTables().size(), 1u);
   EXPECT_EQ(*ctl_.RoutingTables()[0], DmTable::AllMiss(16 * kSpc));
-  // The gate keeps cluster 5 miss whatever the planner says.
-  ctl_.SetGate([](const DmTable& t) { return t.WithMiss(5 * kSpc, kSpc); });
   known_ = {{4, 40 * kCluster}, {5, 41 * kCluster}};
   ASSERT_TRUE(*ctl_.ReloadNow());
   EXPECT_EQ(dm_.LiveTable("cowtap-1")->SegmentAt(4 * kSpc).kind, K::kLinear);
@@ -178,6 +178,24 @@ TEST_F(ControllerTest, RoutingTablesHoldEveryTableTheKernelMayRunAndTheGateHasTh
   EXPECT_EQ(ctl_.RoutingTables().size(), 1u);
   ASSERT_TRUE(ctl_.Stop().ok());
   EXPECT_TRUE(ctl_.RoutingTables().empty());
+}
+
+TEST_F(ControllerTest, FailedReloadsInARowAreRememberedUpToABoundThenOnlyAllMissIsTried) {
+  ASSERT_TRUE(ctl_.Start().ok());
+  for (uint64_t i = 0; i < 12; ++i) {
+    known_ = {{i, (40 + i) * kCluster}};  // a new plan each time
+    dm_.FailNext(FakeDeviceMapper::Call::kSuspend);
+    EXPECT_FALSE(ctl_.ReloadNow().ok());
+    EXPECT_LE(ctl_.RoutingTables().size(), 8u);
+  }
+  // Past the bound the reload loads all-miss (nothing to remember); a
+  // success makes the list one table again.
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), 0u);
+  ASSERT_TRUE(ctl_.ReloadNow().ok());
+  ASSERT_EQ(ctl_.RoutingTables().size(), 1u);
+  EXPECT_EQ(*ctl_.RoutingTables()[0], *dm_.LiveTable("cowtap-1"));
+  ASSERT_TRUE(ctl_.ReloadNow().ok());
+  EXPECT_EQ(dm_.LiveTable("cowtap-1")->linear_sectors(), kSpc) << "planning resumes once a reload went through";
 }
 
 TEST_F(ControllerTest, ABrokenSourceIsRefusedNotLoaded) {

@@ -48,14 +48,12 @@ DmTable FenceTable(const DmTable& table, const MissFence& fence, uint64_t since,
   const auto changed = fence.ChangedSince(since);
   if (!changed) return DmTable::AllMiss(table.size_sectors());
   const uint64_t spc = cluster_size / kSectorSize;
-  DmTable out = table;
+  std::vector<std::pair<uint64_t, uint64_t>> sectors;
+  sectors.reserve(changed->size());
   for (const auto& [first, count] : *changed) {
-    const uint64_t sector = MulU64(first, spc).value_or(UINT64_MAX);
-    if (sector >= out.size_sectors()) continue;
-    const uint64_t sectors = std::min(MulU64(count, spc).value_or(UINT64_MAX), out.size_sectors() - sector);
-    out = out.WithMiss(sector, sectors);
+    sectors.emplace_back(MulU64(first, spc).value_or(UINT64_MAX), MulU64(count, spc).value_or(UINT64_MAX));
   }
-  return out;
+  return table.WithMissRanges(std::move(sectors));
 }
 
 bool MissFence::Holds(uint64_t cluster) const {
@@ -100,12 +98,12 @@ class OffloadMissDevice final : public backend::BlockDevice {
                       length_bytes, offset_bytes));
     }
     if (secure) return Status::NotSupported("secure discard is not offered through the kernel offload");
-    return Split(offset_bytes, length_bytes,
+    return Split(offset_bytes, length_bytes, ZeroMode::kDeallocate,
                  [this](uint64_t off, uint64_t len) { return inner_->Discard(off, len, false); });
   }
   Status WriteZeroes(uint64_t offset_bytes, uint64_t length_bytes) override {
     if (routed()) {
-      return Split(offset_bytes, length_bytes,
+      return Split(offset_bytes, length_bytes, ZeroMode::kKeepAllocated,
                    [this](uint64_t off, uint64_t len) { return inner_->WriteZeroes(off, len); });
     }
     // zeros_ is only read, so concurrent callers may share it.
@@ -133,21 +131,30 @@ class OffloadMissDevice final : public backend::BlockDevice {
   void Unplug() override { inner_->Unplug(); }
 
  private:
-  bool routed() const { return static_cast<bool>(routing_.zero_in_place) && routing_.cluster_size > 0; }
+  bool routed() const {
+    return static_cast<bool>(routing_.zero_in_place) && routing_.fence && routing_.cluster_size > 0;
+  }
 
   // Fences the range's clusters, then zeroes in place what the live table
   // routes linear and hands every other run to engine_op.
-  Status Split(uint64_t offset, uint64_t length, const std::function<Status(uint64_t, uint64_t)>& engine_op) {
+  Status Split(uint64_t offset, uint64_t length, ZeroMode mode,
+               const std::function<Status(uint64_t, uint64_t)>& engine_op) {
     if (length == 0) return Status::Ok();
+    const std::optional<uint64_t> end = AddU64(offset, length);
+    if (!end || *end > inner_->size_bytes()) {
+      return Status::OutOfRange(
+          fmt::format("{} bytes at {} pass the end of the {}-byte disk", length, offset, inner_->size_bytes()));
+    }
     const uint64_t cs = routing_.cluster_size;
     const uint64_t first = offset / cs, count = (offset + length - 1) / cs - first + 1;
     routing_.fence->Enter(first, count);
-    Status s = SplitFenced(offset, length, engine_op);
+    Status s = SplitFenced(offset, length, mode, engine_op);
     routing_.fence->Leave(first, count);
     return s;
   }
 
-  Status SplitFenced(uint64_t offset, uint64_t length, const std::function<Status(uint64_t, uint64_t)>& engine_op) {
+  Status SplitFenced(uint64_t offset, uint64_t length, ZeroMode mode,
+                     const std::function<Status(uint64_t, uint64_t)>& engine_op) {
     const std::vector<std::shared_ptr<const DmTable>> tables =
         routing_.routing_tables ? routing_.routing_tables() : std::vector<std::shared_ptr<const DmTable>>{};
     const uint64_t end = offset + length;
@@ -180,7 +187,7 @@ class OffloadMissDevice final : public backend::BlockDevice {
       COWTAP_RETURN_IF_ERROR(flush_run());
       const uint64_t n = std::min(end, linear->end_sector() * kSectorSize) - pos;
       const uint64_t host = linear->target_sector * kSectorSize + (pos - linear->start_sector * kSectorSize);
-      COWTAP_RETURN_IF_ERROR(routing_.zero_in_place(host, n));
+      COWTAP_RETURN_IF_ERROR(routing_.zero_in_place(host, n, mode));
       if (routing_.counters) {
         ++routing_.counters->in_place_requests;
         routing_.counters->in_place_bytes += n;

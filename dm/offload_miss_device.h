@@ -12,9 +12,9 @@
 // being served is itself in flight on the dm device, and a suspend waits
 // for it), so a discard or write-zeroes is split by the table:
 //   * clusters the live table routes linear are zeroed in place
-//     (zero_in_place: a hole punched in the image file, as the loop device
-//     does for the linear path's own discards); their metadata is left as
-//     it is, so the route stays right;
+//     (zero_in_place: a hole punched for a discard, a zeroed range kept
+//     allocated for a write-zeroes, as the loop device does on the linear
+//     path); their metadata is left as it is, so the route stays right;
 //   * the rest goes to the engine (free, zero flag), while the range is
 //     fenced (MissFence). The controller's gate (FenceTable) keeps fenced
 //     ranges miss in every table it loads, and also the ranges changed
@@ -82,6 +82,11 @@ struct MissRoutingCounters {
   std::atomic<uint64_t> engine_requests{0}, engine_bytes{0};      // the rest: to the engine, fenced
 };
 
+// How a linear cluster is zeroed in place: a discard may give the file's
+// blocks back (punch a hole); a write-zeroes keeps them allocated (the
+// guest may rely on it, as with REQ_NOUNMAP), like the loop device does.
+enum class ZeroMode : uint8_t { kDeallocate, kKeepAllocated };
+
 struct OffloadMissRouting {
   uint64_t cluster_size = 0;
   std::shared_ptr<MissFence> fence;
@@ -91,7 +96,7 @@ struct OffloadMissRouting {
   std::function<std::vector<std::shared_ptr<const DmTable>>()> routing_tables;
   // Makes [host_offset, host_offset + length) of the image file read as
   // zeros without touching image metadata.
-  std::function<Status(uint64_t host_offset, uint64_t length)> zero_in_place;
+  std::function<Status(uint64_t host_offset, uint64_t length, ZeroMode mode)> zero_in_place;
 };
 
 std::unique_ptr<backend::BlockDevice> NewOffloadMissDevice(std::shared_ptr<backend::BlockDevice> inner,

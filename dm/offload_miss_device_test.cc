@@ -1,12 +1,16 @@
 #include "dm/offload_miss_device.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <mutex>
 #include <optional>
 #include <utility>
 #include <vector>
+
+#include "dm/offload_attachment.h"
 
 namespace cowtap::dm {
 namespace {
@@ -37,7 +41,7 @@ class RecordingDevice final : public backend::BlockDevice {
   Status Discard(uint64_t off, uint64_t len, bool) override {
     ++discards;
     Note(off, len);
-    return Status::Ok();
+    return discard_status;
   }
   Status WriteZeroes(uint64_t off, uint64_t len) override {
     ++write_zeroes;
@@ -59,6 +63,7 @@ class RecordingDevice final : public backend::BlockDevice {
   std::shared_ptr<MissFence> fence;
   uint64_t cluster_size = 0;
   bool unfenced = false;
+  Status discard_status;
 };
 
 TEST(OffloadMissDeviceTest, OffersNoDiscardAndRefusesOneThatComesAnyway) {
@@ -109,6 +114,7 @@ struct Routed {
   std::shared_ptr<MissRoutingCounters> counters = std::make_shared<MissRoutingCounters>();
   std::vector<std::shared_ptr<const DmTable>> tables;  // what the kernel may run
   std::vector<std::pair<uint64_t, uint64_t>> zeroed;   // host ranges
+  std::vector<ZeroMode> modes;                         // one per zeroed range
   bool fenced_while_zeroing = true;
   Status zero_status;
   std::unique_ptr<backend::BlockDevice> dev;
@@ -128,9 +134,10 @@ struct Routed {
     r.fence = fence;
     r.counters = counters;
     r.routing_tables = [this] { return tables; };
-    r.zero_in_place = [this](uint64_t host, uint64_t len) {
+    r.zero_in_place = [this](uint64_t host, uint64_t len, ZeroMode mode) {
       zeroed.emplace_back(host, len);
-      if (!fence->Holds(2)) fenced_while_zeroing = false;  // each test zeroes cluster 2
+      modes.push_back(mode);
+      if (fence->empty()) fenced_while_zeroing = false;
       return zero_status;
     };
     dev = NewOffloadMissDevice(inner, r);
@@ -153,6 +160,7 @@ TEST(OffloadMissDeviceTest, DiscardZeroesLinearClustersInPlaceAndHandsTheRestToT
   EXPECT_EQ(r.counters->engine_bytes, 6 * kCs + kCs / 2);
   EXPECT_FALSE(r.inner->unfenced) << "the engine changed clusters the planner could still route linear";
   EXPECT_TRUE(r.fenced_while_zeroing);
+  EXPECT_EQ(r.modes, (std::vector<ZeroMode>{ZeroMode::kDeallocate, ZeroMode::kDeallocate})) << "a discard punches";
   EXPECT_TRUE(r.fence->empty()) << "the fence is lifted afterwards";
   EXPECT_EQ(r.dev->Discard(0, kCs, true).code(), ErrorCode::kNotSupported) << "secure discard is not offered";
 }
@@ -165,6 +173,9 @@ TEST(OffloadMissDeviceTest, WriteZeroesIsSplitTheSameWay) {
   EXPECT_EQ(r.zeroed, (std::vector<Range>{{(10 << 20) + 4096, 2 * kCs - 4096}}));
   EXPECT_EQ(r.inner->ranges, (std::vector<Range>{{4 * kCs, 4096}}));
   EXPECT_EQ(r.inner->write_zeroes, 1);
+  EXPECT_EQ(r.modes, (std::vector<ZeroMode>{ZeroMode::kKeepAllocated})) << "write-zeroes keeps the blocks";
+  EXPECT_TRUE(r.fenced_while_zeroing);
+  EXPECT_FALSE(r.inner->unfenced);
   EXPECT_EQ(r.inner->writes, 0) << "no zero bytes written as data";
 }
 
@@ -224,6 +235,55 @@ TEST(OffloadMissDeviceTest, LinearInAnyTableTheKernelMayRunIsZeroedInPlace) {
   EXPECT_EQ(r.zeroed, (std::vector<Range>{{30 << 20, kCs}, {20 << 20, kCs}}));
   EXPECT_EQ(r.inner->ranges, (std::vector<Range>{{4 * kCs, kCs}, {6 * kCs, 2 * kCs}, {9 * kCs, kCs}}))
       << "only what every table routes to user space reaches the engine";
+  EXPECT_TRUE(r.fenced_while_zeroing);
+  EXPECT_FALSE(r.inner->unfenced);
+}
+
+TEST(OffloadMissDeviceTest, AFailedEngineDiscardFailsTheRequestAndLiftsTheFence) {
+  Routed r;
+  r.inner->discard_status = Status::IoError("engine: EIO");
+  EXPECT_EQ(r.dev->Discard(4 * kCs, kCs, false).code(), ErrorCode::kIoError);
+  EXPECT_TRUE(r.fence->empty());
+  EXPECT_EQ(r.fence->generation(), 1u) << "logged as changed: the engine may have changed part of it";
+}
+
+TEST(OffloadMissDeviceTest, ARangePastTheDiskOrWrappingIsRefusedBeforeAnythingChanges) {
+  Routed r;
+  EXPECT_EQ(r.dev->Discard(15 * kCs, 2 * kCs, false).code(), ErrorCode::kOutOfRange);
+  EXPECT_EQ(r.dev->WriteZeroes(UINT64_MAX - 4095, 8192).code(), ErrorCode::kOutOfRange);
+  EXPECT_TRUE(r.zeroed.empty());
+  EXPECT_TRUE(r.inner->ranges.empty());
+  EXPECT_EQ(r.fence->generation(), 0u) << "never fenced";
+}
+
+// ZeroFileRange on a real file: zeros where asked, nothing else changed,
+// the size kept; write-zeroes keeps the blocks allocated.
+TEST(ZeroFileRangeTest, ZeroesInPlaceKeepingTheSizeAndForWriteZeroesTheBlocks) {
+  char path[] = "/tmp/cowtap-zero-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ::unlink(path);
+  std::vector<uint8_t> data(1 << 20, 0x5A);
+  ASSERT_EQ(::pwrite(fd, data.data(), data.size(), 0), static_cast<ssize_t>(data.size()));
+  ASSERT_EQ(::fsync(fd), 0);
+  struct stat before {};
+  ASSERT_EQ(::fstat(fd, &before), 0);
+  ASSERT_TRUE(ZeroFileRange(fd, path, 256 << 10, 128 << 10, ZeroMode::kKeepAllocated).ok());
+  struct stat kept {};
+  ASSERT_EQ(::fstat(fd, &kept), 0);
+  EXPECT_GE(kept.st_blocks, before.st_blocks) << "write-zeroes gave blocks back";
+  ASSERT_TRUE(ZeroFileRange(fd, path, 640 << 10, 64 << 10, ZeroMode::kDeallocate).ok());
+  struct stat after {};
+  ASSERT_EQ(::fstat(fd, &after), 0);
+  EXPECT_EQ(after.st_size, before.st_size);
+  std::vector<uint8_t> back(data.size());
+  ASSERT_EQ(::pread(fd, back.data(), back.size(), 0), static_cast<ssize_t>(back.size()));
+  for (size_t i = 0; i < back.size(); ++i) {
+    const bool zeroed = (i >= (256u << 10) && i < (384u << 10)) || (i >= (640u << 10) && i < (704u << 10));
+    ASSERT_EQ(back[i], zeroed ? 0 : 0x5A) << "byte " << i;
+  }
+  EXPECT_FALSE(ZeroFileRange(-1, "nothing", 0, 4096, ZeroMode::kDeallocate).ok());
+  ::close(fd);
 }
 
 TEST(MissFenceTest, ChangedSinceReportsFencedAndLeftRangesUntilTheLogRunsOut) {
