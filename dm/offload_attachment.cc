@@ -24,7 +24,7 @@ Status ZeroFileRange(int fd, const std::string& name, uint64_t offset, uint64_t 
     return Status::FromErrno(errno, fmt::format("offload: zeroing {} bytes at {} of {} in place ({})", length, offset,
                                                 name, mode == ZeroMode::kDeallocate ? "punch hole" : "zero range"));
   }
-  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  const std::vector<uint8_t>& zeros = ZeroChunk();
   for (uint64_t done = 0; done < length;) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(length - done, zeros.size()));
     const ssize_t w = ::pwrite(fd, zeros.data(), n, static_cast<off_t>(offset + done));
@@ -55,12 +55,12 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   // Discard and write-zeroes are split by the live table (see
   // offload_miss_device.h): linear clusters are zeroed in the file in
   // place, the rest goes to the engine while fenced from the planner.
-  a->fence_ = std::make_shared<MissFence>();
+  auto fence = std::make_shared<MissFence>();
   a->file_fd_ = ::open(image_file.c_str(), O_RDWR | O_CLOEXEC);
   if (a->file_fd_ < 0) return Status::FromErrno(errno, "offload: opening " + image_file + " to zero in place");
   OffloadMissRouting routing;
   routing.cluster_size = popts.cluster_size;
-  routing.fence = a->fence_;
+  routing.fence = fence;
   a->routing_counters_ = std::make_shared<MissRoutingCounters>();
   routing.counters = a->routing_counters_;
   OffloadAttachment* self = a.get();
@@ -95,7 +95,6 @@ Result<std::unique_ptr<OffloadAttachment>> OffloadAttachment::Attach(std::shared
   // still beyond the device stays miss, which is always safe.
   // The gate (below) drops what a discard or write-zeroes changed since
   // the generation read here, before the clusters are collected.
-  std::shared_ptr<MissFence> fence = a->fence_;
   auto source = [img, loop, cluster_size, fence, self] {
     self->planned_generation_ = fence->generation();
     self->plan_fresh_ = true;

@@ -85,7 +85,6 @@ class OffloadAttachment {
   std::unique_ptr<OffloadController> controller_;
   // controller_ for the miss path's threads, set once it exists.
   std::atomic<OffloadController*> live_controller_{nullptr};
-  std::shared_ptr<MissFence> fence_;
   std::shared_ptr<MissRoutingCounters> routing_counters_;
   int file_fd_ = -1;  // the image file, for zeroing linear clusters in place
   // The fence's generation when the last plan's clusters were collected;

@@ -9,6 +9,11 @@
 
 namespace cowtap::dm {
 
+const std::vector<uint8_t>& ZeroChunk() {
+  static const std::vector<uint8_t> zeros(1 << 20, 0);
+  return zeros;
+}
+
 void MissFence::Enter(uint64_t first_cluster, uint64_t count) {
   std::lock_guard lock(mu_);
   ranges_.emplace(first_cluster, count);
@@ -71,13 +76,10 @@ bool MissFence::empty() const {
 
 namespace {
 
-// Zero writes go in pieces of at most this size (one buffer, shared).
-constexpr uint64_t kZeroChunkBytes = 1 << 20;
-
 class OffloadMissDevice final : public backend::BlockDevice {
  public:
   OffloadMissDevice(std::shared_ptr<backend::BlockDevice> inner, OffloadMissRouting routing)
-      : inner_(std::move(inner)), routing_(std::move(routing)), zeros_(kZeroChunkBytes, 0) {}
+      : inner_(std::move(inner)), routing_(std::move(routing)) {}
 
   uint64_t size_bytes() const override { return inner_->size_bytes(); }
   bool read_only() const override { return inner_->read_only(); }
@@ -106,10 +108,10 @@ class OffloadMissDevice final : public backend::BlockDevice {
       return Split(offset_bytes, length_bytes, ZeroMode::kKeepAllocated,
                    [this](uint64_t off, uint64_t len) { return inner_->WriteZeroes(off, len); });
     }
-    // zeros_ is only read, so concurrent callers may share it.
+    const std::vector<uint8_t>& zeros = ZeroChunk();
     while (length_bytes > 0) {
-      const uint64_t n = std::min(length_bytes, kZeroChunkBytes);
-      std::vector<iovec> iov{MakeIoVec(zeros_.data(), n)};
+      const uint64_t n = std::min<uint64_t>(length_bytes, zeros.size());
+      std::vector<iovec> iov{MakeIoVec(zeros.data(), n)};
       COWTAP_RETURN_IF_ERROR(inner_->Write(offset_bytes, iov));
       offset_bytes += n;
       length_bytes -= n;
@@ -200,7 +202,6 @@ class OffloadMissDevice final : public backend::BlockDevice {
 
   const std::shared_ptr<backend::BlockDevice> inner_;
   const OffloadMissRouting routing_;
-  const std::vector<uint8_t> zeros_;
 };
 
 }  // namespace

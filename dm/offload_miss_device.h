@@ -99,6 +99,9 @@ struct OffloadMissRouting {
   std::function<Status(uint64_t host_offset, uint64_t length, ZeroMode mode)> zero_in_place;
 };
 
+// 1 MiB of zero bytes, shared (read-only) by every writer of zeros here.
+const std::vector<uint8_t>& ZeroChunk();
+
 std::unique_ptr<backend::BlockDevice> NewOffloadMissDevice(std::shared_ptr<backend::BlockDevice> inner,
                                                            OffloadMissRouting routing = {});
 
